@@ -1,0 +1,94 @@
+"""Evaluation over every reported split: accuracy, calibration, corruption and adversarial metrics.
+
+Returns long-format rows (protocol.md section 6) without the run columns, which `results` adds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+from torch import nn
+
+from rftbench import metrics
+from rftbench.data.base import Split, Suite
+from rftbench.train import RunContext, predict
+
+log = logging.getLogger("rftbench")
+
+
+def row(split: str, metric: str, value: float, shift: str = "id", corruption: str | None = None,
+        severity: int | None = None, selection: str = "val", detail: str | None = None) -> dict:
+    """One long-format metrics row; `detail` carries extra tags (e.g. attack settings) as JSON."""
+    return {"split": split, "shift": shift, "corruption": corruption, "severity": severity,
+            "metric": metric, "value": float(value), "selection": selection, "detail": detail}
+
+
+def split_rows(split: Split, logits: torch.Tensor, ece_bins: int = 15) -> list[dict]:
+    """Accuracy, ECE and NLL of one split's logits."""
+    y = split.labels
+    tags = dict(shift=split.shift, corruption=split.corruption, severity=split.severity)
+    return [row(split.name, "acc", metrics.accuracy(logits, y), **tags),
+            row(split.name, "ece", metrics.ece(logits.softmax(1), y, n_bins=ece_bins), **tags),
+            row(split.name, "nll", metrics.nll(logits, y), **tags)]
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """Per-shift means: the corruption mean over all (corruption, severity) splits, the OOD mean and
+    the worst OOD split (accuracy)."""
+    acc = [r for r in rows if r["metric"] == "acc"]
+    out = []
+    corr = [r["value"] for r in acc if r["shift"] == "corruption" and r["split"].startswith("ood/")]
+    if corr:
+        out.append(row("ood/corruption", "acc_mean", sum(corr) / len(corr), shift="corruption"))
+    ood = [r for r in acc if r["split"].startswith("ood/") and r["shift"] != "corruption"]
+    ood_means = [r["value"] for r in ood] + ([out[0]["value"]] if corr else [])
+    if ood_means:
+        out.append(row("ood", "acc_mean", sum(ood_means) / len(ood_means), shift="natural"))
+        out.append(row("ood", "acc_worst", min(ood_means), shift="natural"))
+    return out
+
+
+def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict | None = None) -> list[dict]:
+    """Evaluate `model` (pixels in [0, 1] -> logits) on every test/OOD split of `suite`, then the
+    configured adversarial threats. `cfg`: {ece_bins, adversarial: {enabled, n, tier, seed,
+    threats: [{norm, eps}], batch_size}}."""
+    cfg = dict(cfg or {})
+    model.eval()
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    n_images = 0
+    for split in suite.eval_splits():
+        logits = predict(model, split, ctx)
+        n_images += len(split)
+        rows += split_rows(split, logits, cfg.get("ece_bins", 15))
+    eval_time = time.perf_counter() - t0
+    rows += summary_rows(rows)
+    rows.append(row("-", "eval_images_per_s", n_images / max(eval_time, 1e-9), shift="id"))
+    adv = dict(cfg.get("adversarial") or {})
+    if adv.get("enabled", False):
+        rows += adversarial_rows(model, suite["test"], ctx, adv)
+    rows.append(row("-", "eval_time_s", time.perf_counter() - t0, shift="id"))
+    log.info("evaluated %d splits (%d images) in %.1fs", len(suite.eval_splits()), n_images,
+             time.perf_counter() - t0)
+    return rows
+
+
+def adversarial_rows(model: nn.Module, test: Split, ctx: RunContext, adv: dict) -> list[dict]:
+    """Robust accuracy under each configured threat on a fixed class-balanced test subset."""
+    from rftbench import robust
+
+    idx = robust.balanced_subset(test.labels, adv.get("n", 100), adv.get("seed", 0))
+    sub = test.subset(idx)
+    out = []
+    for threat in adv.get("threats", []):
+        res = robust.attack(model, sub.x, sub.y, norm=threat["norm"], eps=float(threat["eps"]),
+                            tier=adv.get("tier", "quick"), seed=adv.get("seed", 0),
+                            batch_size=adv.get("batch_size", 256), device=ctx.device)
+        name = f"ood/adversarial/{threat['norm']}"
+        detail = json.dumps({"norm": res.norm, "eps": res.eps, "tier": res.tier, "n": res.n,
+                             "seed": res.seed, "autoattack": res.version, "attacks": list(res.attacks)})
+        out.append(row(name, "robust_acc", res.robust_acc, shift="adversarial", detail=detail))
+        out.append(row(name, "clean_acc", res.clean_acc, shift="adversarial", detail=detail))
+    return out

@@ -1,0 +1,28 @@
+"""Full fine-tuning: every parameter trained with the shared loop, epoch chosen on val."""
+from __future__ import annotations
+
+from typing import Callable
+
+import pandas as pd
+
+from rftbench.backbones import Classifier
+from rftbench.data.base import Suite
+from rftbench.methods.base import Adapted, unfreeze
+from rftbench.train import RunContext, count_trainable, fit
+
+
+def finetune(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callable, epochs: int,
+             batch_size: int, scheduler: dict | None = None, exclude_head: bool = False,
+             label_smoothing: float = 0.0) -> Adapted:
+    """Train all of `model`; `exclude_head` passes the head to optimizers taking `exclude` (FTP)."""
+    unfreeze(model)
+    n = count_trainable(model)
+    res = fit(model, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs,
+              batch_size=batch_size, scheduler=scheduler, label_smoothing=label_smoothing,
+              exclude=list(model.head.parameters()) if exclude_head else ())
+    info = {"val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "train_time_s": res.train_time_s}
+    return Adapted(model, trainable_params=n, info=info,
+                   tables={"history": pd.DataFrame(res.history)})
+
+
+adapt = finetune

@@ -1,0 +1,155 @@
+"""Hydra entry point: compose -> run (skip if done) -> record.
+
+    python -m rftbench.run backbone=digits_resnet method=ct suite=digits seed=0
+    python -m rftbench.run -m method=ft,lp seed=0,1,2
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rftbench.backbones import Classifier, create_backbone
+from rftbench.data.base import Suite
+from rftbench.evaluate import evaluate, row
+from rftbench.methods.base import Adapted
+from rftbench.results import RunFolder, environment
+from rftbench.train import RunContext, count_params
+from rftbench.utils import resolve_device, seed_everything, stable_hash
+
+log = logging.getLogger("rftbench")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+# Keys that do not change the work a run does: left out of the run id.
+COSMETIC = ("paths", "device", "num_workers", "tracking", "launcher")
+HEAD_INITS = ("zeroshot", "random")
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Hash of the resolved config minus cosmetic keys: the same id means the same work."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in COSMETIC:
+        resolved.pop(key, None)
+    resolved.get("eval", {}).pop("batch_size", None)
+    return stable_hash(resolved)
+
+
+def run_folder(cfg: DictConfig) -> RunFolder:
+    return RunFolder(cfg.paths.runs, cfg.suite.name, cfg.backbone.name, cfg.method.name, run_id(cfg))
+
+
+def build_suite(cfg: DictConfig, ctx: RunContext) -> Suite:
+    return instantiate(cfg.suite.build, seed=cfg.seed, cache_dir=str(ctx.cache_dir), _convert_="all")
+
+
+def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:
+    """The pre-trained backbone with its head set up for the suite (`suite.head_init`)."""
+    b = cfg.backbone
+    head_init = cfg.suite.get("head_init", "random")
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"suite.head_init={head_init!r} not valid; choose one of {HEAD_INITS}")
+    checkpoint = b.checkpoint
+    spec = dict(name=b.arch, source=b.source, pretrained=b.pretrained, mean=list(b.mean),
+                std=list(b.std), kwargs=OmegaConf.to_container(b.kwargs))
+    if checkpoint is None and b.get("pretrain"):
+        checkpoint = str(instantiate(b.pretrain, backbone=spec, cache_dir=str(ctx.cache_dir)))
+    upstream_classes = b.get("upstream_classes")
+    if head_init == "zeroshot":
+        if suite.upstream_classes is None or b.get("upstream") != suite.meta.get("upstream"):
+            raise ValueError(
+                f"suite.head_init=zeroshot needs a backbone pre-trained on the suite's upstream task "
+                f"({suite.meta.get('upstream')!r}); backbone {b.name} has upstream {b.get('upstream')!r}. "
+                f"Use suite.head_init=random")
+        model = create_backbone(num_classes=upstream_classes or _upstream_size(checkpoint),
+                                checkpoint=checkpoint, **spec)
+        head = torch.nn.Linear(model.num_features, suite.num_classes)
+        with torch.no_grad():
+            head.weight.copy_(model.head.weight[suite.upstream_classes])
+            head.bias.copy_(model.head.bias[suite.upstream_classes])
+        model.head = head
+        model.zeroshot_head = True
+    else:
+        model = create_backbone(num_classes=_upstream_size(checkpoint) if checkpoint else 1000,
+                                checkpoint=checkpoint, **spec)
+        torch.manual_seed(cfg.seed)
+        model.head = torch.nn.Linear(model.num_features, suite.num_classes)
+    return ctx.prepare(model)
+
+
+def _upstream_size(checkpoint: str | None) -> int:
+    from rftbench.backbones import load_state
+
+    if checkpoint is None:
+        return 1000
+    state = load_state(checkpoint)
+    key = next((k for k in state if k.endswith("head.weight") or k in ("fc.weight", "head.weight")), None)
+    if key is None:
+        raise ValueError(f"cannot find the classifier weights in checkpoint {checkpoint}")
+    return state[key].shape[0]
+
+
+def execute(cfg: DictConfig) -> str:
+    """Run one configuration into its run folder. Returns 'skipped' or 'done'; raises on failure
+    after recording the error (the folder never gets `done`)."""
+    folder = run_folder(cfg)
+    if folder.done:
+        log.info("skip %s: already done (%s)", folder.run_id, folder.path)
+        return "skipped"
+    folder.start()
+    folder.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        device = resolve_device(cfg.device)
+        ctx = RunContext(device=device, seed=cfg.seed, cache_dir=Path(cfg.paths.cache),
+                         run_dir=folder.path, eval_batch_size=cfg.eval.batch_size,
+                         num_workers=cfg.num_workers)
+        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+        log.info("run %s: %s / %s / %s seed %d on %s", folder.run_id, cfg.suite.name, cfg.backbone.name,
+                 cfg.method.name, cfg.seed, device)
+        seed_everything(cfg.seed)
+        suite = build_suite(cfg, ctx)
+        model = build_model(cfg, suite, ctx)
+        n_params = count_params(model)
+        adapt = instantiate(cfg.method.adapt)
+        seed_everything(cfg.seed)
+        if ctx.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        adapted: Adapted = adapt(model=model, suite=suite, ctx=ctx)
+        adapt_time = time.perf_counter() - t0
+        rows = evaluate(adapted.model, suite, ctx, OmegaConf.to_container(cfg.eval, resolve=True))
+        rows += [row("-", "trainable_params", adapted.trainable_params),
+                 row("-", "trainable_frac", adapted.trainable_params / max(n_params, 1)),
+                 row("-", "adapt_time_s", adapt_time),
+                 row("-", "n_train", len(suite.train))]
+        if ctx.cuda:
+            rows.append(row("-", "peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30))
+        rows += [row("-", f"chosen/{k}", v) for k, v in adapted.info.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for name, table in adapted.tables.items():
+            folder.write_table(f"{name}.csv", table)
+        folder.write_json("info.json", {"info": adapted.info, "suite": suite.meta,
+                                        "trainable_params": adapted.trainable_params,
+                                        "total_params": n_params, "adapt_time_s": adapt_time})
+        folder.write_metrics(rows, cfg.seed)
+        folder.write_json("env.json", environment(str(device)))
+        folder.finish()
+    except Exception as exc:
+        folder.fail(exc)
+        log.error("run %s failed: %s: %s (details: %s)", folder.run_id, type(exc).__name__, exc,
+                  folder.path / "error.txt")
+        raise
+    log.info("done %s -> %s", folder.run_id, folder.path)
+    return "done"
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> str:
+    return execute(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The one fine-tuning loop every training method uses, plus feature caching and linear probes.
+
+`fit` trains the parameters that require grad, evaluates on `val` after every epoch and restores the
+best epoch (chosen on val only). Optimizers are partials from the config (`_target_` + `_partial_`),
+called with the parameter list (and `exclude=` for optimizers that take it, e.g. FTP).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rftbench.data.base import Split, batches
+
+log = logging.getLogger("rftbench")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class RunContext:
+    """Where and how a run computes: device, seeds, cache and run folders, eval batch size."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    cache_dir: Path = Path(".")
+    run_dir: Path | None = None
+    eval_batch_size: int = 512
+    num_workers: int = 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """bf16 autocast on CUDA, nothing on CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.cuda else model
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_acc: float
+    history: list[dict] = field(default_factory=list)
+    train_time_s: float = 0.0
+
+
+def set_bn_eval(model: nn.Module) -> nn.Module:
+    """Put every BatchNorm in eval mode (frozen running statistics)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict | None, epochs: int, steps_per_epoch: int):
+    """Per-step LambdaLR from `{name: cosine|step|constant, warmup_epochs, milestones, gamma}`."""
+    cfg = dict(cfg or {"name": "constant"})
+    name = cfg.get("name", "constant")
+    total = max(1, epochs * steps_per_epoch)
+    warm = int(cfg.get("warmup_epochs", 0) * steps_per_epoch)
+    if name == "cosine":
+        def f(step):
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    elif name == "step":
+        milestones = [m * steps_per_epoch for m in cfg.get("milestones", [])]
+        gamma = cfg.get("gamma", 0.1)
+
+        def f(step):
+            if step < warm:
+                return (step + 1) / warm
+            return gamma ** sum(step >= m for m in milestones)
+    elif name == "constant":
+        def f(step):
+            return (step + 1) / warm if step < warm else 1.0
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; valid: cosine, step, constant")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def build_optimizer(optimizer: Callable, params: Sequence[nn.Parameter] | list[dict],
+                    exclude: Iterable[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """Call the configured optimizer partial; pass `exclude` to optimizers that accept it."""
+    exclude = list(exclude)
+    target = getattr(optimizer, "func", optimizer)
+    if exclude and "exclude" in inspect.signature(target).parameters:
+        return optimizer(params, exclude=exclude)
+    return optimizer(params)
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimizer: Callable,
+        epochs: int, batch_size: int, scheduler: dict | None = None, params: list | None = None,
+        exclude: Iterable[nn.Parameter] = (), loss_fn: Callable | None = None,
+        forward: Callable | None = None, bn_eval: bool = False, label_smoothing: float = 0.0,
+        select: str = "val") -> FitResult:
+    """Train `params` (default: every parameter that requires grad) and keep the best val epoch.
+
+    `forward(model, x)` returns what `loss_fn(out, y)` consumes (default: logits and cross-entropy);
+    `bn_eval` keeps BatchNorm statistics frozen (frozen-backbone methods); `select="last"` keeps the
+    final epoch instead of the best val epoch.
+    """
+    if select not in ("val", "last"):
+        raise ValueError(f"select must be 'val' or 'last', got {select!r}")
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    forward = forward or (lambda m, x: m(x))
+    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing))
+    opt = build_optimizer(optimizer, params, exclude)
+    steps = math.ceil(len(train) / batch_size)
+    sched = make_scheduler(opt, scheduler, epochs, steps)
+    best_state, best_acc, best_epoch, history = None, -1.0, 0, []
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        if bn_eval:
+            set_bn_eval(model)
+        total = torch.zeros((), device=ctx.device)
+        for xb, yb in batches(train, batch_size, shuffle=True, seed=ctx.seed * 100_003 + epoch,
+                              num_workers=ctx.num_workers, device=ctx.device):
+            if ctx.cuda:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with ctx.autocast():
+                loss = loss_fn(forward(model, xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach().float()
+        train_loss = float(total) / steps
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(
+                f"training loss is {train_loss} at epoch {epoch}; lower the learning rate "
+                f"(optimizer.lr) or check the data")
+        val_acc = accuracy_on(model, val, ctx)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc,
+                        "lr": opt.param_groups[0]["lr"]})
+        log.info("epoch %d/%d  loss %.4f  val_acc %.4f", epoch, epochs, train_loss, val_acc)
+        if select == "last" or val_acc > best_acc:
+            best_acc, best_epoch, best_state = val_acc, epoch, _state_copy(model)
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(best_epoch, best_acc, history, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, ctx: RunContext, fn: Callable | None = None) -> torch.Tensor:
+    """Stack `fn(model, x)` (default: logits) over a split, in order, as float32 on the CPU."""
+    fn = fn or (lambda m, x: m(x))
+    was_training = model.training
+    model.eval()
+    outs = []
+    for xb, _ in batches(split, ctx.eval_batch_size, num_workers=ctx.num_workers, device=ctx.device):
+        if ctx.cuda:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with ctx.autocast():
+            outs.append(fn(model, xb).float().cpu())
+    model.train(was_training)
+    return torch.cat(outs)
+
+
+def accuracy_on(model: nn.Module, split: Split, ctx: RunContext) -> float:
+    logits = predict(model, split, ctx)
+    return (logits.argmax(1) == split.labels).float().mean().item()
+
+
+def extract_features(model: nn.Module, split: Split, ctx: RunContext) -> torch.Tensor:
+    """Pooled features `model.features(x)` of a whole split (no augmentation): cache for probes."""
+    return predict(model, split, ctx, fn=lambda m, x: m.features(x))
+
+
+@dataclass
+class ProbeResult:
+    head: nn.Linear
+    val_acc: float
+    best_epoch: int
+
+
+def fit_probe(train_feats: torch.Tensor, train_y: torch.Tensor, val_feats: torch.Tensor,
+              val_y: torch.Tensor, num_classes: int, *, init: nn.Linear | None = None, lr: float = 1e-3,
+              epochs: int = 20, batch_size: int = 32, warmup_epochs: int = 1, decay_epoch: int = 10,
+              weight_decay: float = 0.0, seed: int = 0) -> ProbeResult:
+    """Linear probe on cached features, the CT paper's recipe: Adam, 1 warm-up epoch, lr x0.1 after
+    `decay_epoch`, best epoch by val accuracy. Runs on whatever device the features are on."""
+    dev = train_feats.device
+    head = copy.deepcopy(init) if init is not None else nn.Linear(train_feats.shape[1], num_classes)
+    head = head.to(dev).float().train()
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    n = len(train_feats)
+    steps = math.ceil(n / batch_size)
+    sched = make_scheduler(opt, {"name": "step", "warmup_epochs": warmup_epochs,
+                                 "milestones": [decay_epoch], "gamma": 0.1}, epochs, steps)
+    gen = torch.Generator().manual_seed(seed)
+    best = (-1.0, 0, None)
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=gen).to(dev)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(head(train_feats[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            acc = (head(val_feats).argmax(1) == val_y).float().mean().item()
+        if acc > best[0]:
+            best = (acc, epoch, copy.deepcopy(head.state_dict()))
+    if not math.isfinite(loss.item()):
+        raise NonFiniteLossError("linear probe loss is not finite; lower probe.lr")
+    head.load_state_dict(best[2])
+    return ProbeResult(head.eval(), best[0], best[1])

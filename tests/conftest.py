@@ -1,0 +1,40 @@
+"""Shared fixtures: a per-session artifact cache and Hydra composition of the project's configs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from rftbench.run import CONFIG_DIR
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """One artifact cache for the whole session (upstream checkpoint, corruption sets)."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("RFTBENCH_CACHE")
+    os.environ["RFTBENCH_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("RFTBENCH_CACHE", None)
+    else:
+        os.environ["RFTBENCH_CACHE"] = old
+
+
+@pytest.fixture
+def make_cfg(tmp_path, cache_dir):
+    """compose(overrides) with the tiny preset, runs in tmp_path/runs and the session cache."""
+
+    def _make(*overrides: str, experiment: str | None = "tiny", runs: Path | None = None):
+        base = [f"paths.runs={runs or tmp_path / 'runs'}", f"paths.cache={cache_dir}", "device=cpu"]
+        if experiment:
+            base.insert(0, f"experiment={experiment}")
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose("config", overrides=[*base, *overrides])
+
+    return _make
