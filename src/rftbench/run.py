@@ -42,8 +42,13 @@ def run_folder(cfg: DictConfig) -> RunFolder:
     return RunFolder(cfg.paths.runs, cfg.suite.name, cfg.backbone.name, cfg.method.name, run_id(cfg))
 
 
+def call(node: DictConfig, **kwargs):
+    """Call a `_target_` node with extra kwargs; its own exceptions propagate unwrapped."""
+    return instantiate(node, _partial_=True, _convert_="all")(**kwargs)
+
+
 def build_suite(cfg: DictConfig, ctx: RunContext) -> Suite:
-    return instantiate(cfg.suite.build, seed=cfg.seed, cache_dir=str(ctx.cache_dir), _convert_="all")
+    return call(cfg.suite.build, seed=cfg.seed, cache_dir=str(ctx.cache_dir))
 
 
 def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:
@@ -56,7 +61,7 @@ def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:
     spec = dict(name=b.arch, source=b.source, pretrained=b.pretrained, mean=list(b.mean),
                 std=list(b.std), kwargs=OmegaConf.to_container(b.kwargs))
     if checkpoint is None and b.get("pretrain"):
-        checkpoint = str(instantiate(b.pretrain, backbone=spec, cache_dir=str(ctx.cache_dir)))
+        checkpoint = str(call(b.pretrain, backbone=spec, cache_dir=str(ctx.cache_dir)))
     upstream_classes = b.get("upstream_classes")
     if head_init == "zeroshot":
         if suite.upstream_classes is None or b.get("upstream") != suite.meta.get("upstream"):

@@ -40,7 +40,7 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 def tensor_digest(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().reshape(-1)
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
