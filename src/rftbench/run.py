@@ -38,6 +38,12 @@ def run_id(cfg: DictConfig) -> str:
     return stable_hash(resolved)
 
 
+def start_spec(cfg: DictConfig) -> dict:
+    """What defines a run's starting point (backbone, suite, seed): the key of shared artifacts."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return {k: resolved[k] for k in ("backbone", "suite", "seed")}
+
+
 def run_folder(cfg: DictConfig) -> RunFolder:
     return RunFolder(cfg.paths.runs, cfg.suite.name, cfg.backbone.name, cfg.method.name, run_id(cfg))
 
@@ -110,7 +116,7 @@ def execute(cfg: DictConfig) -> str:
         device = resolve_device(cfg.device)
         ctx = RunContext(device=device, seed=cfg.seed, cache_dir=Path(cfg.paths.cache),
                          run_dir=folder.path, eval_batch_size=cfg.eval.batch_size,
-                         num_workers=cfg.num_workers)
+                         num_workers=cfg.num_workers, spec=start_spec(cfg))
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         log.info("run %s: %s / %s / %s seed %d on %s", folder.run_id, cfg.suite.name, cfg.backbone.name,
                  cfg.method.name, cfg.seed, device)
@@ -132,6 +138,7 @@ def execute(cfg: DictConfig) -> str:
                  row("-", "n_train", len(suite.train))]
         if ctx.cuda:
             rows.append(row("-", "peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30))
+        rows += adapted.rows
         rows += [row("-", f"chosen/{k}", v) for k, v in adapted.info.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for name, table in adapted.tables.items():

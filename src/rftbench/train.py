@@ -39,6 +39,7 @@ class RunContext:
     run_dir: Path | None = None
     eval_batch_size: int = 512
     num_workers: int = 0
+    spec: dict = field(default_factory=dict)  # resolved backbone + suite + seed: the starting point
 
     @property
     def cuda(self) -> bool:
