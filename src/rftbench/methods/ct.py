@@ -1,0 +1,380 @@
+"""Curvature Tuning (Hu & Balestriero, arXiv 2502.07783): ReLU sites -> curvature-tunable units.
+
+`apply_ct` returns a copy of a ReLU network in which every ReLU activation site is a `CTU`:
+registered `nn.ReLU` modules used at one site are swapped; modules whose `forward` calls ReLU
+functionally (`F.relu`, `torch.relu(_)`, `Tensor.relu(_)`, an `nn.ReLU` built inside `forward`) or
+calls one ReLU module at several sites (torchvision's BasicBlock / Bottleneck `self.relu`) are
+rewritten with a shallow `torch.fx` trace (children stay opaque), one CT module per site.
+`apply_trainable_ct` does the same with per-channel `TrainableCTU`s sized from an example input.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from collections import Counter
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+
+EPS = 1e-6
+SOFTPLUS_THRESHOLD = 20.0
+NO_SITES_MSG = "model has no ReLU activation sites; CT needs a ReLU network"
+
+_RELU_FUNCTIONS = {F.relu: False, F.relu_: True, torch.relu: False, torch.relu_: True}
+_RELU_METHODS = {"relu": False, "relu_": True}
+_RELU_CALLABLES = (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+
+
+def ctu(x: torch.Tensor, beta: float | torch.Tensor, coeff: float | torch.Tensor) -> torch.Tensor:
+    """c * sigmoid(beta x / s) x + (1 - c) s softplus(x / s), s = 1 - beta + eps, in x's dtype."""
+    s = 1.0 - beta + EPS
+    smooth_gate = torch.sigmoid(beta * x / s) * x
+    smooth_max = s * F.softplus(x / s, threshold=SOFTPLUS_THRESHOLD)
+    return coeff * smooth_gate + (1.0 - coeff) * smooth_max
+
+
+def _in_float32(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn(x) computed in at least float32 with autocast off (x / s overflows half precision)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return fn(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+
+
+def _check_unit(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"CT {name} must lie in [0, 1], got {value}")
+    return value
+
+
+class CTU(nn.Module):
+    """Curvature-tunable unit with fixed beta and coeff; beta == 1 is exactly ReLU."""
+
+    def __init__(self, beta: float, coeff: float = 0.5):
+        super().__init__()
+        self.beta = _check_unit("beta", beta)
+        self.coeff = _check_unit("coeff", coeff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.beta == 1.0:
+            return torch.relu(x)
+        return _in_float32(lambda v: ctu(v, self.beta, self.coeff), x)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, coeff={self.coeff}"
+
+
+class TrainableCTU(nn.Module):
+    """CTU with per-channel beta_k = sigmoid(r_k) and c_k = sigmoid(q_k) (trainable r, q)."""
+
+    def __init__(self, num_channels: int, channel_dim: int, r_init: float = 1.386, q_init: float = 0.0):
+        super().__init__()
+        self.num_channels = num_channels
+        self.channel_dim = channel_dim
+        self.r = nn.Parameter(torch.full((num_channels,), float(r_init)))
+        self.q = nn.Parameter(torch.full((num_channels,), float(q_init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = self.num_channels
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            beta, coeff = (torch.sigmoid(p.to(v.dtype)).view(shape) for p in (self.r, self.q))
+            return ctu(v, beta, coeff)
+
+        return _in_float32(fn, x)
+
+    def extra_repr(self) -> str:
+        return f"num_channels={self.num_channels}, channel_dim={self.channel_dim}"
+
+
+_CT_TYPES = (CTU, TrainableCTU)
+
+
+def apply_ct(
+    model: nn.Module, beta: float, coeff: float = 0.5, example_input: torch.Tensor | None = None
+) -> nn.Module:
+    """Copy of `model` with a `CTU(beta, coeff)` at every ReLU site; `.ct_sites` = number of sites.
+
+    With `example_input`, also checks that a forward pass executes no ReLU any more.
+    """
+    beta, coeff = _check_unit("beta", beta), _check_unit("coeff", coeff)
+    out, untraced = _replace_relu_sites(model, lambda: CTU(beta, coeff))
+    if example_input is not None:
+        _check_no_relu_left(out, example_input, untraced)
+    return out
+
+
+def apply_trainable_ct(
+    model: nn.Module, example_input: torch.Tensor, r_init: float = 1.386, q_init: float = 0.0
+) -> nn.Module:
+    """Copy of `model` with one `TrainableCTU` per ReLU site, channels read from `example_input`."""
+    out, untraced = _replace_relu_sites(model, _SiteProbe)
+    probes = [m for m in out.modules() if isinstance(m, _SiteProbe)]
+    _check_no_relu_left(out, example_input, untraced)
+    mapping: dict[int, nn.Module] = {}
+    for probe in probes:
+        if len(probe.shapes) != 1:
+            raise ValueError(
+                f"a ReLU site ran {len(probe.shapes)} times on example_input (expected once): it is either "
+                "not on the example's path or a ReLU module reused at several sites of an untraceable module"
+            )
+        shape = probe.shapes[0]
+        channel_dim = 1 if len(shape) >= 4 else -1
+        unit = TrainableCTU(shape[channel_dim], channel_dim, r_init, q_init).to(probe.device)
+        mapping[id(probe)] = unit
+    sites = out.ct_sites
+    out = _swap_modules(out, mapping)
+    out.ct_sites = sites
+    return out
+
+
+def count_ct_sites(model: nn.Module) -> int:
+    """Number of CT modules (`CTU` / `TrainableCTU`) in `model`."""
+    return sum(isinstance(m, _CT_TYPES) for m in model.modules())
+
+
+def set_beta(model: nn.Module, beta: float, coeff: float | None = None) -> None:
+    """Set beta (and optionally coeff) of every `CTU` of an already converted model, in place."""
+    beta = _check_unit("beta", beta)
+    coeff = None if coeff is None else _check_unit("coeff", coeff)
+    units = [m for m in model.modules() if isinstance(m, CTU)]
+    if not units:
+        raise ValueError("model has no CTU modules; convert it with apply_ct first")
+    for unit in units:
+        unit.beta = beta
+        if coeff is not None:
+            unit.coeff = coeff
+
+
+def ct_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable CT parameters (r and q of every `TrainableCTU`)."""
+    return [p for m in model.modules() if isinstance(m, TrainableCTU) for p in (m.r, m.q)]
+
+
+def mean_beta_coeff(model: nn.Module) -> tuple[float, float]:
+    """Mean beta and mean coeff over all channels of all `TrainableCTU` sites."""
+    units = [m for m in model.modules() if isinstance(m, TrainableCTU)]
+    if not units:
+        raise ValueError("model has no TrainableCTU modules; convert it with apply_trainable_ct first")
+    with torch.no_grad():
+        betas = torch.cat([torch.sigmoid(m.r.float()) for m in units])
+        coeffs = torch.cat([torch.sigmoid(m.q.float()) for m in units])
+    return betas.mean().item(), coeffs.mean().item()
+
+
+def count_relu_calls(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Number of ReLU calls (module or functional) one eval-mode forward pass of `model` executes."""
+    counter = _ReluCounter()
+    with _eval_mode(model), torch.no_grad(), counter:
+        model(example_input)
+    return counter.calls
+
+
+class _SiteProbe(nn.Module):
+    """Placeholder at a site: records input shapes, acts as ReLU (without calling a relu op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+        self.device = torch.device("cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        self.device = x.device
+        return x.clamp_min(0)
+
+
+class _ReluCounter(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELU_CALLABLES:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """All modules in eval mode; the original training flags are restored on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _check_no_relu_left(model: nn.Module, example_input: torch.Tensor, untraced: dict[str, str]) -> None:
+    left = count_relu_calls(model, example_input)
+    if left:
+        detail = "; ".join(f"{k or '<root>'}: {v}" for k, v in untraced.items()) or "none"
+        raise RuntimeError(f"{left} ReLU calls remain after CT conversion; modules fx could not trace: {detail}")
+
+
+class _ShallowTracer(fx.Tracer):
+    """Traces one module's own `forward`; registered submodules stay opaque call_module nodes."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:  # a module built inside forward: trace through it
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _trace(m: nn.Module) -> fx.Graph:
+    """Shallow trace of `m.forward`; arguments with defaults are fixed to them (fx asserts that)."""
+    params = inspect.signature(m.forward).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    graph = _ShallowTracer().trace(m, concrete_args=defaults or None)
+    for node in graph.nodes:  # fx renames specialised arguments (`flag` -> `flag_1`): restore
+        base = re.sub(r"_\d+$", "", str(node.target))
+        if node.op == "placeholder" and node.target not in defaults and base in defaults:
+            node.target = base
+    return graph
+
+
+def _needs_trace(m: nn.Module) -> bool:
+    if isinstance(m, (nn.ReLU, *_CT_TYPES, _SiteProbe)):
+        return False
+    builtin = type(m).__module__.startswith("torch.nn.modules")
+    return not builtin or isinstance(m, nn.Sequential)
+
+
+def _site_inplace(root: nn.Module, node: fx.Node) -> bool | None:
+    """Whether a ReLU site node works in place; None if the node is no ReLU site."""
+    if node.op == "call_module" and isinstance(root.get_submodule(node.target), nn.ReLU):
+        return bool(root.get_submodule(node.target).inplace)
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        inplace = _RELU_FUNCTIONS[node.target] or bool(node.kwargs.get("inplace", False))
+        return inplace or (len(node.args) > 1 and bool(node.args[1]))
+    if node.op == "call_method" and node.target in _RELU_METHODS:
+        return _RELU_METHODS[node.target]
+    return None
+
+
+def _site_input(node: fx.Node) -> fx.node.Argument:
+    return node.args[0] if node.args else node.kwargs["input"]
+
+
+def _nodes_after(node: fx.Node) -> Iterator[fx.Node]:
+    later = node.next
+    while later.op != "root":
+        yield later
+        later = later.next
+
+
+def _trace_code(m: nn.Module, training: bool) -> str:
+    saved = m.training
+    m.training = training
+    try:
+        return _trace(m).python_code("self").src
+    finally:
+        m.training = saved
+
+
+def _rewrite(
+    m: nn.Module, graph: fx.Graph, sites: list[tuple[fx.Node, bool]], make_unit: Callable[[], nn.Module]
+) -> fx.GraphModule:
+    """GraphModule of `m` with one new CT module per ReLU site node."""
+    if _trace_code(m, True) != _trace_code(m, False):
+        raise RuntimeError(f"cannot apply CT to {type(m).__name__}: its forward depends on self.training")
+    for name, child in list(m.named_children()):
+        if isinstance(child, nn.ReLU):
+            delattr(m, name)
+    for node, inplace in sites:
+        base = node.target if node.op == "call_module" and "." not in node.target else "relu"
+        name, k = base, 0
+        while hasattr(m, name):
+            k += 1
+            name = f"{base}_{k}"
+        m.add_module(name, make_unit())
+        value = _site_input(node)
+        with graph.inserting_after(node):
+            unit_node = graph.call_module(name, (value,))
+        if inplace and isinstance(value, fx.Node):  # later reads of the input see the activation
+            later = set(_nodes_after(unit_node))
+            value.replace_all_uses_with(unit_node, delete_user_cb=lambda user: user in later)
+        node.replace_all_uses_with(unit_node)
+        graph.erase_node(node)
+    graph.lint()
+    gm = fx.GraphModule(m, graph, class_name=type(m).__name__)
+    gm.training = m.training
+    return gm
+
+
+def _replace_relu_sites(
+    model: nn.Module, make_unit: Callable[[], nn.Module]
+) -> tuple[nn.Module, dict[str, str]]:
+    """(copy of `model` with a new unit per ReLU site, {name: error} of modules fx could not trace)."""
+    model = copy.deepcopy(model)
+    created: list[nn.Module] = []
+
+    def make() -> nn.Module:
+        created.append(make_unit())
+        return created[-1]
+
+    plans, untraced, calls = [], {}, Counter()
+    for name, m in model.named_modules():
+        if not _needs_trace(m):
+            continue
+        try:
+            graph = _trace(m)
+        except Exception as err:  # any failure means "not traceable"
+            untraced[name] = f"{type(err).__name__}: {err}"
+            continue
+        sites = [(node, inplace) for node in graph.nodes if (inplace := _site_inplace(m, node)) is not None]
+        calls.update(id(m.get_submodule(n.target)) for n, _ in sites if n.op == "call_module")
+        if sites:
+            plans.append((m, graph, sites))
+    to_rewrite = [
+        (m, graph, sites)
+        for m, graph, sites in plans
+        if any(
+            node.op != "call_module"
+            or calls[id(m.get_submodule(node.target))] > 1
+            or (inplace and any(_site_input(node) in n.all_input_nodes for n in _nodes_after(node)))
+            for node, inplace in sites
+        )
+    ]
+    mapping: dict[int, nn.Module] = {id(m): _rewrite(m, graph, sites, make) for m, graph, sites in to_rewrite}
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            mapping[id(m)] = make()
+    out = _swap_modules(model, mapping)
+    present = {id(m) for m in out.modules()}
+    sites_count = sum(id(u) in present for u in created)
+    if sites_count == 0:
+        raise ValueError(NO_SITES_MSG)
+    out.ct_sites = sites_count
+    return out, untraced
+
+
+def _swap_modules(root: nn.Module, mapping: dict[int, nn.Module]) -> nn.Module:
+    """Replace every occurrence of the modules keyed by id in `mapping` (the root included)."""
+    root = mapping.get(id(root), root)
+    seen = {id(root)}
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new = mapping.get(id(child), child)
+            if new is not child:
+                module._modules[name] = new
+            if id(new) not in seen:
+                seen.add(id(new))
+                stack.append(new)
+    return root
