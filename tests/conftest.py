@@ -5,12 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from rftbench.run import CONFIG_DIR
-
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session", autouse=True)

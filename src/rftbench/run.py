@@ -2,10 +2,13 @@
 
     python -m rftbench.run backbone=digits_resnet method=ct suite=digits seed=0
     python -m rftbench.run -m method=ft,lp seed=0,1,2
+    python -m rftbench.run -m launcher=joblib method=ft,lp seed=0,1,2      (configs/launcher/)
+    python -m rftbench.run -m method=ft,lp seed=0,1,2 --plan               (what it would run)
 """
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rftbench import sweep, tracking
 from rftbench.backbones import Classifier, create_backbone
 from rftbench.data.base import Suite
 from rftbench.evaluate import evaluate, row
@@ -130,7 +134,8 @@ def execute(cfg: DictConfig) -> str:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         adapted: Adapted = adapt(model=model, suite=suite, ctx=ctx)
-        adapt_time = time.perf_counter() - t0
+        # a reused cached training counts with the time it took when it ran
+        adapt_time = time.perf_counter() - t0 + adapted.info.get("cached_train_time_s", 0.0)
         rows = evaluate(adapted.model, suite, ctx, OmegaConf.to_container(cfg.eval, resolve=True))
         rows += [row("-", "trainable_params", adapted.trainable_params),
                  row("-", "trainable_frac", adapted.trainable_params / max(n_params, 1)),
@@ -148,6 +153,7 @@ def execute(cfg: DictConfig) -> str:
                                         "total_params": n_params, "adapt_time_s": adapt_time})
         folder.write_metrics(rows, cfg.seed)
         folder.write_json("env.json", environment(str(device)))
+        tracking.log_run(cfg, folder)
         folder.finish()
     except Exception as exc:
         folder.fail(exc)
@@ -158,10 +164,29 @@ def execute(cfg: DictConfig) -> str:
     return "done"
 
 
+sweep.register_resolvers()
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> str:
-    return execute(cfg)
+def hydra_main(cfg: DictConfig) -> str:
+    return sweep.run_task(cfg, execute)
+
+
+def main() -> None:
+    """The command line: one run, or with -m a sweep that ends with a summary and exits 1 if a run
+    failed; `--plan` lists the sweep's jobs and their status instead of running them."""
+    if "--plan" in sys.argv[1:]:
+        from rftbench.plan import main as plan_main
+
+        plan_main([a for a in sys.argv[1:] if a not in ("--plan", "-m", "--multirun")])
+        return
+    hydra_main()
+    if sweep.LAST is not None and not sweep.LAST.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    # through the importable module, so that launchers pickle the task by reference, not by value
+    from rftbench.run import main as run_main
+
+    run_main()

@@ -60,6 +60,7 @@ class FitResult:
     best_val_acc: float
     history: list[dict] = field(default_factory=list)
     train_time_s: float = 0.0
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def set_bn_eval(model: nn.Module) -> nn.Module:
@@ -141,8 +142,33 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     steps = math.ceil(len(train) / batch_size)
     sched = make_scheduler(opt, scheduler, epochs, steps)
     best_state, best_acc, best_epoch, history = None, -1.0, 0, []
-    t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    t0, first, spent = time.perf_counter(), 1, 0.0
+    # Per-epoch checkpoints in the run folder, so that a requeued attempt of the run continues: the
+    # n-th fit of an attempt resumes the n-th fit of the last one when it starts from the same weights.
+    ckpt = None
+    if ctx.run_dir is not None:
+        from rftbench.results import CHECKPOINTS
+        from rftbench.utils import atomic_path, tensor_digest
+
+        n_fit = vars(ctx)["_fit_calls"] = vars(ctx).get("_fit_calls", 0) + 1
+        ckpt = Path(ctx.run_dir) / CHECKPOINTS / f"fit{n_fit}-{tensor_digest(*model.state_dict().values())}.pt"
+        saved = None
+        if ckpt.exists():
+            try:
+                saved = torch.load(ckpt, map_location=ctx.device, weights_only=True)
+            except Exception as exc:  # unreadable: train from the start
+                log.warning("cannot resume from %s (%s); training from the start", ckpt, exc)
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            best_state, best_acc, best_epoch = saved["best_state"], saved["best_acc"], saved["best_epoch"]
+            history, first, spent = saved["history"], saved["epoch"] + 1, saved["train_time_s"]
+            torch.set_rng_state(saved["rng"].cpu())
+            if ctx.cuda and "cuda_rng" in saved:
+                torch.cuda.set_rng_state(saved["cuda_rng"].cpu())
+            log.info("resumed from %s after epoch %d/%d", ckpt.name, saved["epoch"], epochs)
+    for epoch in range(first, epochs + 1):
         model.train()
         if bn_eval:
             set_bn_eval(model)
@@ -169,9 +195,22 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
         log.info("epoch %d/%d  loss %.4f  val_acc %.4f", epoch, epochs, train_loss, val_acc)
         if select == "last" or val_acc > best_acc:
             best_acc, best_epoch, best_state = val_acc, epoch, _state_copy(model)
+        if ckpt is not None:
+            state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "best_state": best_state, "best_acc": best_acc,
+                     "best_epoch": best_epoch, "history": history, "rng": torch.get_rng_state(),
+                     "train_time_s": spent + time.perf_counter() - t0}
+            if ctx.cuda:
+                state["cuda_rng"] = torch.cuda.get_rng_state()
+            try:
+                with atomic_path(ckpt) as tmp:
+                    torch.save(state, tmp)
+            except Exception as exc:  # never fail a run for its checkpoint
+                log.warning("cannot save %s (%s); continuing without checkpoints", ckpt, exc)
+                ckpt = None
     model.load_state_dict(best_state)
     model.eval()
-    return FitResult(best_epoch, best_acc, history, time.perf_counter() - t0)
+    return FitResult(best_epoch, best_acc, history, spent + time.perf_counter() - t0, opt)
 
 
 @torch.no_grad()
@@ -215,7 +254,7 @@ def fit_probe(train_feats: torch.Tensor, train_y: torch.Tensor, val_feats: torch
     `decay_epoch`, best epoch by val accuracy. Runs on whatever device the features are on."""
     dev = train_feats.device
     head = copy.deepcopy(init) if init is not None else nn.Linear(train_feats.shape[1], num_classes)
-    head = head.to(dev).float().train()
+    head = head.to(dev).float().train().requires_grad_(True)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(train_feats)
     steps = math.ceil(n / batch_size)

@@ -31,9 +31,27 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def describe(obj: Any) -> Any:
+    """A JSON-able, address-free description of config values, including instantiated partials
+    (`functools.partial(torch.optim.SGD, lr=...)` -> {"_target_": "torch.optim.sgd.SGD", "lr": ...})."""
+    func = getattr(obj, "func", None)
+    if func is not None and hasattr(obj, "keywords"):
+        return {"_target_": f"{func.__module__}.{func.__qualname__}", "args": describe(list(obj.args)),
+                **{k: describe(v) for k, v in obj.keywords.items()}}
+    if isinstance(obj, dict):
+        return {str(k): describe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [describe(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return str(obj)
+
+
 def stable_hash(obj: Any, length: int = 16) -> str:
-    """A short sha256 of a JSON-serialisable object (keys sorted): same content -> same hash."""
-    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    """A short sha256 of an object's `describe` (keys sorted): same content -> same hash."""
+    blob = json.dumps(describe(obj), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
 
 

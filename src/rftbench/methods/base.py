@@ -62,8 +62,9 @@ def cached_training(model: nn.Module, ctx: RunContext, key: dict,
             meta = f.metadata() or {}
         model.load_state_dict(load_file(str(path), device=str(ctx.device)))
         log.info("reused cached training %s", path.name)
-        return Adapted(model.eval(), int(meta.get("trainable_params", 0)),
-                       info={**json.loads(meta.get("info", "{}")), "cached": 1})
+        info = json.loads(meta.get("info", "{}"))
+        info["cached_train_time_s"] = info.pop("train_time_s", 0.0)
+        return Adapted(model.eval(), int(meta.get("trainable_params", 0)), info=info)
     adapted = train(model)
     info = {k: v for k, v in adapted.info.items() if isinstance(v, (int, float, str))}
     save_tensors_atomic(path, adapted.model.state_dict(),

@@ -1,4 +1,8 @@
-"""Full fine-tuning: every parameter trained with the shared loop, epoch chosen on val."""
+"""Full fine-tuning: every parameter trained with the shared loop, epoch chosen on val.
+
+The fine-tuned weights are cached by (starting point, recipe), so WiSE-FT and RWS reuse the very
+model `method=ft` trained instead of training it again.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -7,13 +11,13 @@ import pandas as pd
 
 from rftbench.backbones import Classifier
 from rftbench.data.base import Suite
-from rftbench.methods.base import Adapted, unfreeze
-from rftbench.train import RunContext, count_trainable, fit
+from rftbench.methods.base import Adapted, cached_training, unfreeze
+from rftbench.train import FitResult, RunContext, count_trainable, fit
 
 
 def finetune(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callable, epochs: int,
              batch_size: int, scheduler: dict | None = None, exclude_head: bool = False,
-             label_smoothing: float = 0.0) -> Adapted:
+             label_smoothing: float = 0.0) -> tuple[Adapted, FitResult]:
     """Train all of `model`; `exclude_head` passes the head to optimizers taking `exclude` (FTP)."""
     unfreeze(model)
     n = count_trainable(model)
@@ -21,8 +25,14 @@ def finetune(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Cal
               batch_size=batch_size, scheduler=scheduler, label_smoothing=label_smoothing,
               exclude=list(model.head.parameters()) if exclude_head else ())
     info = {"val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "train_time_s": res.train_time_s}
-    return Adapted(model, trainable_params=n, info=info,
-                   tables={"history": pd.DataFrame(res.history)})
+    return Adapted(model, trainable_params=n, info=info, tables={"history": pd.DataFrame(res.history)}), res
 
 
-adapt = finetune
+def cached_finetune(model: Classifier, suite: Suite, ctx: RunContext, **recipe) -> Adapted:
+    """`finetune` through the model cache, keyed by the recipe (shared by ft, wise, rws)."""
+    return cached_training(model, ctx, {"finetune": recipe},
+                           lambda m: finetune(m, suite, ctx, **recipe)[0])
+
+
+def adapt(model: Classifier, suite: Suite, ctx: RunContext, recipe: dict) -> Adapted:
+    return cached_finetune(model, suite, ctx, **recipe)
