@@ -12,12 +12,16 @@ import copy
 from typing import Sequence
 
 import timm
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from rftbench.backbones import Classifier
+from rftbench.data.base import Suite, batches
+from rftbench.methods.base import Adapted
+from rftbench.train import RunContext, fit
 
 DEFAULT_TAPS = ("layer2", "layer3", "layer4")
 
@@ -186,3 +190,24 @@ def levi_loss(per_tap_logits: Sequence[torch.Tensor], y: torch.Tensor, mean_weig
     """Mean over taps of CE(logits_l, y) + mean_weight * CE(mean_l logits_l, y)."""
     per_tap = torch.stack([F.cross_entropy(logits, y) for logits in per_tap_logits]).mean()
     return per_tap + mean_weight * F.cross_entropy(torch.stack(list(per_tap_logits)).mean(dim=0), y)
+
+
+def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, taps: Sequence[str], task_width: int,
+          hidden: int, mean_weight: float, max_task_ratio: float | None, optimizer, epochs: int,
+          batch_size: int, scheduler: dict | None = None) -> Adapted:
+    """`method=levi` — LEVI (reconstruction): frozen backbone tapped at `taps`, a from-scratch task
+    model and one adapting layer per tap, trained with the shared loop on `levi_loss`."""
+    example = next(batches(suite.train, 16, device=ctx.device))[0]
+    levi = LEVI(model, suite.num_classes, taps=taps, task_model=make_task_model(task_width), hidden=hidden,
+                input_size=tuple(example.shape[1:]), max_task_ratio=max_task_ratio)
+    levi = ctx.prepare(levi)
+    params = levi.trainable_parameters()
+    res = fit(levi, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
+              scheduler=scheduler, params=params, forward=lambda m, x: m.forward_all(x),
+              loss_fn=lambda outs, y: levi_loss(outs, y, mean_weight))
+    cost = levi.extra_inference_cost(example[:1])
+    info = {"val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "train_time_s": res.train_time_s,
+            "flop_ratio": cost["flop_ratio"], "task_model_params": cost["task_model_params"],
+            "adapter_params": cost["adapter_params"]}
+    return Adapted(levi.eval(), trainable_params=sum(p.numel() for p in params), info=info,
+                   tables={"history": pd.DataFrame(res.history)})

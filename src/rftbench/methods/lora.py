@@ -12,12 +12,16 @@ import re
 import warnings
 from typing import Sequence
 
+import pandas as pd
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from rftbench.backbones import Classifier
+from rftbench.data.base import Suite, batches
+from rftbench.methods.base import Adapted
+from rftbench.train import RunContext, fit
 
 LORA_TARGET_TYPES: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 
@@ -173,3 +177,20 @@ def merge_lora(model: Classifier) -> Classifier:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.get_base_layer())
     return model.requires_grad_(True)
+
+
+def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, rank: int, alpha: float, dropout: float,
+          targets: Sequence[str], optimizer, epochs: int, batch_size: int,
+          scheduler: dict | None = None) -> Adapted:
+    """`method=lora`: LoRA on the backbone body + the full head, trained with the shared loop (BatchNorm
+    statistics frozen), merged into the weights for evaluation (the base model's inference cost)."""
+    lora = ctx.prepare(apply_lora(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets))
+    example = next(batches(suite.train, 16, device=ctx.device))[0]
+    adapted_layers = verify_lora_targets(lora, example)
+    n = sum(p.numel() for p in trainable_parameters(lora))
+    res = fit(lora, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
+              scheduler=scheduler, params=trainable_parameters(lora), bn_eval=True)
+    info = {"val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "lora_layers": len(lora_layers(lora)),
+            "lora_layers_effective": len(adapted_layers), "rank": rank, "train_time_s": res.train_time_s}
+    return Adapted(ctx.prepare(merge_lora(lora)).eval(), trainable_params=n, info=info,
+                   tables={"history": pd.DataFrame(res.history)})
