@@ -58,13 +58,15 @@ def _split_timm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return model, head
 
 
-def _split_torchvision(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    for attr in ("fc", "head", "classifier"):
+def _split_attr(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """Split off a final nn.Linear stored as a common attribute (torchvision, RobustBench models)."""
+    for attr in ("fc", "head", "classifier", "linear", "logits", "last_linear"):
         head = getattr(model, attr, None)
         if isinstance(head, nn.Linear):
             setattr(model, attr, nn.Identity())
             return model, head
-    raise ValueError(f"cannot find the linear classifier of torchvision model {type(model).__name__}")
+    raise ValueError(f"cannot find the linear classifier of {type(model).__name__} (looked for fc, head, "
+                     f"classifier, linear, logits, last_linear)")
 
 
 def create_backbone(
@@ -77,7 +79,7 @@ def create_backbone(
     std: Sequence[float] = IMAGENET_STD,
     kwargs: dict | None = None,
 ) -> Classifier:
-    """Build a `Classifier` from a timm or torchvision model name.
+    """Build a `Classifier` from a timm, torchvision or RobustBench model-zoo name.
 
     `pretrained` loads the library's weights (needs them cached or a network); `checkpoint` loads a
     local state dict (safetensors or a torch file, read with weights_only=True) of the full
@@ -90,9 +92,15 @@ def create_backbone(
     elif source == "torchvision":
         weights = "DEFAULT" if pretrained else None
         raw = torchvision.models.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
-        split = _split_torchvision
+        split = _split_attr
+    elif source == "robustbench":
+        # a model-zoo entry: its own normalisation is inside, its head fits its dataset
+        from rftbench.robust import load_robustbench_model
+
+        raw, split = load_robustbench_model(name, **kwargs), _split_attr
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     else:
-        raise ValueError(f"unknown backbone source {source!r}; valid: timm, torchvision")
+        raise ValueError(f"unknown backbone source {source!r}; valid: timm, torchvision, robustbench")
     if checkpoint is not None and not _is_classifier_state(checkpoint):
         raw.load_state_dict(load_state(checkpoint))
         checkpoint = None

@@ -30,7 +30,7 @@ log = logging.getLogger("rftbench")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Keys that do not change the work a run does: left out of the run id.
 COSMETIC = ("paths", "device", "num_workers", "tracking", "launcher")
-HEAD_INITS = ("zeroshot", "random")
+HEAD_INITS = ("auto", "zeroshot", "random")
 
 
 def run_id(cfg: DictConfig) -> str:
@@ -64,22 +64,24 @@ def build_suite(cfg: DictConfig, ctx: RunContext) -> Suite:
 def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:
     """The pre-trained backbone with its head set up for the suite (`suite.head_init`)."""
     b = cfg.backbone
-    head_init = cfg.suite.get("head_init", "random")
+    head_init = cfg.suite.get("head_init", "auto")
     if head_init not in HEAD_INITS:
         raise ValueError(f"suite.head_init={head_init!r} not valid; choose one of {HEAD_INITS}")
+    matches = suite.upstream_classes is not None and b.get("upstream") == suite.meta.get("upstream")
+    if head_init == "auto":  # the pre-trained head when it knows the suite's classes, else a new one
+        head_init = "zeroshot" if matches else "random"
     checkpoint = b.checkpoint
     spec = dict(name=b.arch, source=b.source, pretrained=b.pretrained, mean=list(b.mean),
-                std=list(b.std), kwargs=OmegaConf.to_container(b.kwargs))
+                std=list(b.std), kwargs=OmegaConf.to_container(b.kwargs, resolve=True))
     if checkpoint is None and b.get("pretrain"):
         checkpoint = str(call(b.pretrain, backbone=spec, cache_dir=str(ctx.cache_dir)))
-    upstream_classes = b.get("upstream_classes")
     if head_init == "zeroshot":
-        if suite.upstream_classes is None or b.get("upstream") != suite.meta.get("upstream"):
+        if not matches:
             raise ValueError(
                 f"suite.head_init=zeroshot needs a backbone pre-trained on the suite's upstream task "
                 f"({suite.meta.get('upstream')!r}); backbone {b.name} has upstream {b.get('upstream')!r}. "
                 f"Use suite.head_init=random")
-        model = create_backbone(num_classes=upstream_classes or _upstream_size(checkpoint),
+        model = create_backbone(num_classes=_upstream_size(checkpoint),
                                 checkpoint=checkpoint, **spec)
         head = torch.nn.Linear(model.num_features, suite.num_classes)
         with torch.no_grad():

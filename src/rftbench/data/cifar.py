@@ -89,5 +89,7 @@ def build_cifar(root: str, dataset: str = "cifar10", seed: int = 0, val_fraction
         for (name, sev), (x, y) in sets.items():
             key = f"ood/corruption/{name}/{sev}"
             splits[key] = Split(key, "ood", "corruption", x=x, y=y, corruption=name, severity=sev)
-    return Suite(dataset, LAYOUT[dataset][4], splits, upstream_classes=None,
-                 meta={"upstream": None, "root": str(root), "n_train": len(rest), "n_val": len(held)})
+    num_classes = LAYOUT[dataset][4]
+    # a model pre-trained on the same dataset (e.g. a RobustBench model) keeps its head
+    return Suite(dataset, num_classes, splits, upstream_classes=list(range(num_classes)),
+                 meta={"upstream": dataset, "root": str(root), "n_train": len(rest), "n_val": len(held)})
