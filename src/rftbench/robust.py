@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rftbench.data.base import balanced_subset  # noqa: F401  (re-exported)
 from rftbench.metrics import CORRUPTIONS
 
 NORMS = ("Linf", "L2")
@@ -220,23 +221,6 @@ def attack(
         n_iter=adversary.apgd.n_iter,
         n_target_classes=adversary.apgd_targeted.n_target_classes,
     )
-
-
-def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Sorted indices of a fixed subset with `n // num_classes` examples of every class in `labels`."""
-    labels = torch.as_tensor(labels).long().cpu()
-    classes = labels.unique()
-    per_class = n // len(classes)
-    if per_class < 1:
-        raise ValueError(f"n={n} is smaller than the number of classes ({len(classes)})")
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in classes:
-        members = (labels == c).nonzero().flatten()
-        if len(members) < per_class:
-            raise ValueError(f"class {c.item()} has {len(members)} examples, fewer than {per_class} per class")
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
-    return torch.cat(chosen).sort().values
 
 
 # --------------------------------------------------------------------------- corruption test sets

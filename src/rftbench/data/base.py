@@ -121,3 +121,46 @@ class Suite:
     def eval_splits(self) -> list[Split]:
         """Splits reported in the results: ID test and every OOD test split."""
         return self.by_role("test", "ood")
+
+
+def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (rest, held) with round(fraction * class count) of each class held out, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    rest, held = [], []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = int(round(fraction * len(idx)))
+        held.append(idx[:k])
+        rest.append(idx[k:])
+    return torch.sort(torch.cat(rest)).values, torch.sort(torch.cat(held)).values
+
+
+def per_class(y: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+    """Indices of the first `n` examples of each class after a seeded shuffle (all if n is None)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        if n is not None and n > len(idx):
+            raise ValueError(f"train_per_class={n} but class {c} has only {len(idx)} examples")
+        out.append(idx[:n] if n is not None else idx)
+    return torch.sort(torch.cat(out)).values
+
+
+def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Sorted indices of a fixed subset with `n // num_classes` examples of every class in `labels`."""
+    labels = torch.as_tensor(labels).long().cpu()
+    classes = labels.unique()
+    per_class = n // len(classes)
+    if per_class < 1:
+        raise ValueError(f"n={n} is smaller than the number of classes ({len(classes)})")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in classes:
+        members = (labels == c).nonzero().flatten()
+        if len(members) < per_class:
+            raise ValueError(f"class {c.item()} has {len(members)} examples, fewer than {per_class} per class")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rftbench.data.base import Split, Suite
-from rftbench.data.digits import stratified_split
+from rftbench.data.base import Split, Suite, stratified_split
 
 LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),

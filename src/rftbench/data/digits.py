@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from rftbench.data import corruptions as C
 from rftbench.data import glyphs
-from rftbench.data.base import Split, Suite
+from rftbench.data.base import Split, Suite, balanced_subset, per_class, stratified_split
 from rftbench.utils import cache_root, save_tensors_atomic, stable_hash
 
 log = logging.getLogger("rftbench")
@@ -36,32 +36,6 @@ def handwritten_digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(d.images).float().div_(16.0).unsqueeze(1)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
     return x.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(d.target).long()
-
-
-def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (rest, held) with round(fraction * class count) of each class held out, seeded."""
-    gen = torch.Generator().manual_seed(seed)
-    rest, held = [], []
-    for c in torch.unique(y).tolist():
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        k = int(round(fraction * len(idx)))
-        held.append(idx[:k])
-        rest.append(idx[k:])
-    return torch.sort(torch.cat(rest)).values, torch.sort(torch.cat(held)).values
-
-
-def per_class(y: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
-    """Indices of the first `n` examples of each class after a seeded shuffle (all if n is None)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for c in torch.unique(y).tolist():
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        if n is not None and n > len(idx):
-            raise ValueError(f"train_per_class={n} but class {c} has only {len(idx)} examples")
-        out.append(idx[:n] if n is not None else idx)
-    return torch.sort(torch.cat(out)).values
 
 
 def build_digits(seed: int = 0, train_per_class: int | None = 20, val_fraction: float = 0.2,
@@ -119,18 +93,6 @@ def build_digits(seed: int = 0, train_per_class: int | None = 20, val_fraction: 
     return Suite("digits", 10, splits, upstream_classes=DIGIT_CLASSES, meta=meta)
 
 
-def balanced_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """A fixed, class-balanced subset of about `n` indices (n // classes per class), sorted."""
-    classes = torch.unique(y)
-    k = max(1, n // len(classes))
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for c in classes.tolist():
-        idx = torch.nonzero(y == c).flatten()
-        out.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
-    return torch.sort(torch.cat(out)).values
-
-
 def corrupt_split(split: Split, name: str, severity: int, seed: int, cache_dir: Path) -> Split:
     """`split` under one corruption (cached): labelled corrupted data for shift-aware methods."""
     cx = C.corrupted_set(split.x, [name], [severity], seed, cache_dir)[(name, severity)]
@@ -138,8 +100,8 @@ def corrupt_split(split: Split, name: str, severity: int, seed: int, cache_dir: 
                  corruption=name, severity=severity)
 
 
-def pretrain_glyphs(backbone: dict, n_train: int = 12000, epochs: int = 3, batch_size: int = 128,
-                    lr: float = 2e-3, weight_decay: float = 0.05, seed: int = 0, image_size: int = 32,
+def pretrain_glyphs(backbone: dict, n_train: int = 12000, epochs: int = 2, batch_size: int = 64,
+                    lr: float = 4e-3, weight_decay: float = 0.05, seed: int = 0, image_size: int = 32,
                     fonts_held_out: Sequence[str] | None = None, cache_dir: str | Path | None = None) -> Path:
     """The upstream checkpoint: `backbone` trained on rendered glyphs (all 62 characters, fonts not
     held out). Deterministic; cached as safetensors under the cache root by content hash."""
