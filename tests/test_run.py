@@ -34,6 +34,9 @@ def test_tiny_run_writes_a_complete_folder(make_cfg):
     mean = m[(m["split"] == "ood/corruption") & (m["metric"] == "acc_mean")]["value"].item()
     assert mean == pytest.approx(acc["value"].mean())
     assert m[m["metric"] == "trainable_params"]["value"].item() > 0
+    adv = m[(m["split"] == "ood/adversarial/Linf") & (m["metric"] == "robust_acc")]
+    assert len(adv) == 1 and 0 <= adv["value"].item() <= 1
+    assert json.loads(adv["detail"].item())["tier"] == "quick"
     env = json.loads((path / "env.json").read_text())
     assert env["packages"]["torch"] == "2.14.1" and "commit" in env["git"]
 

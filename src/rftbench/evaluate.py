@@ -52,8 +52,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict | None = None) -> list[dict]:
     """Evaluate `model` (pixels in [0, 1] -> logits) on every test/OOD split of `suite`, then the
-    configured adversarial threats. `cfg`: {ece_bins, adversarial: {enabled, n, tier, seed,
-    threats: [{norm, eps}], batch_size}}."""
+    configured adversarial threats. `cfg`: {ece_bins, adversarial: {enabled, n, tier, seed, n_iter,
+    n_target_classes, threats: [{norm, eps}], batch_size}}."""
     cfg = dict(cfg or {})
     model.eval()
     rows: list[dict] = []
@@ -85,7 +85,8 @@ def adversarial_rows(model: nn.Module, test: Split, ctx: RunContext, adv: dict) 
     for threat in adv.get("threats", []):
         res = robust.attack(model, sub.x, sub.y, norm=threat["norm"], eps=float(threat["eps"]),
                             tier=adv.get("tier", "quick"), seed=adv.get("seed", 0),
-                            batch_size=adv.get("batch_size", 256), device=ctx.device)
+                            batch_size=adv.get("batch_size", 256), device=ctx.device,
+                            n_iter=adv.get("n_iter", 50), n_target_classes=adv.get("n_target_classes", 3))
         name = f"ood/adversarial/{threat['norm']}"
         detail = json.dumps({"norm": res.norm, "eps": res.eps, "tier": res.tier, "n": res.n,
                              "seed": res.seed, "autoattack": res.version, "attacks": list(res.attacks)})
