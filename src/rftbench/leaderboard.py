@@ -1,5 +1,13 @@
 """Leaderboard from run folders: one row per (suite, backbone, method), mean +- standard error over
-seeds, written as CSV (the contract), Markdown and LaTeX.
+trial seeds and their number, written as CSV (the contract), Markdown and LaTeX, plus plots.
+
+- Runs that differ in more than the trial seed (swept hyper-parameters, `hp_seed` draws) are
+  separate variants; each row is the variant with the best mean validation accuracy
+  (`chosen/val_acc`), and `leaderboard_variants.csv` lists them all.
+- Effective robustness: OOD mean accuracy minus the logit-linear fit over the suite's baseline runs
+  (`--baselines`); the fits and their baseline runs are in `effective_robustness.csv`.
+- `<column>_within_noise`: the row's mean is within the standard error of its difference from the
+  best row of the same (suite, backbone) (the best row included); bold in Markdown and LaTeX.
 
     python -m rftbench.leaderboard --runs runs --out results
 """
@@ -8,13 +16,17 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from rftbench.results import load_metrics
-from rftbench.utils import write_text_atomic
+from rftbench import plots
+from rftbench.metrics import LogitFit, effective_robustness
+from rftbench.results import load_metrics, run_folders
+from rftbench.utils import stable_hash, write_text_atomic
 
 log = logging.getLogger("rftbench")
 KEYS = ["suite", "backbone", "method"]
@@ -34,16 +46,40 @@ HEADLINE = {
     "eval_time_s": ("-", "eval_time_s"),
 }
 # columns shown in percent in Markdown/LaTeX
-PERCENT = {"id_test_acc", "ood_mean_acc", "ood_worst_acc", "ood_domain_acc", "corruption_acc", "robust_acc", "ece"}
+PERCENT = {"id_test_acc", "ood_mean_acc", "ood_worst_acc", "ood_domain_acc", "corruption_acc", "robust_acc",
+           "ece", "effective_robustness"}
+# columns with a better direction (+1 higher, -1 lower): they get `_within_noise` flags
+DIRECTION = {"id_test_acc": 1, "ood_mean_acc": 1, "ood_worst_acc": 1, "ood_domain_acc": 1, "corruption_acc": 1,
+             "robust_acc": 1, "effective_robustness": 1, "ece": -1, "nll": -1}
+SHOWN = [*list(HEADLINE)[:6], "effective_robustness", *list(HEADLINE)[6:]]
+BASELINES = ("zeroshot", "lp", "ft")
+SELECT_BY = "chosen/val_acc"
+# config keys that are not hyper-parameters of a variant (rftbench.run.COSMETIC plus the trial seed)
+NOT_VARIANT = ("paths", "device", "num_workers", "tracking", "launcher", "seed")
 
 
-def per_run(metrics: pd.DataFrame) -> pd.DataFrame:
+def run_variants(runs_root: str | Path) -> dict[str, str]:
+    """run_id -> variant: a hash of the finished run's config without the trial seed and the keys
+    that do not change the work, so the trial seeds of one hyper-parameter setting share it."""
+    out = {}
+    for folder in run_folders(runs_root):
+        if (folder / "done").exists():
+            cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+            for key in NOT_VARIANT:
+                cfg.pop(key, None)
+            (cfg.get("eval") or {}).pop("batch_size", None)
+            out[folder.name] = stable_hash(cfg, length=8)
+    return out
+
+
+def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per run with the headline values (selection=val rows only) and chosen knobs."""
-    m = metrics[metrics["selection"].fillna("val") != "oracle"]
+    m = metrics[metrics["selection"].astype(object).fillna("val") != "oracle"]
     out = {}
     for run_id, g in m.groupby("run_id", sort=False):
         first = g.iloc[0]
-        rec = {k: first[k] for k in KEYS} | {"seed": first["seed"], "run_id": run_id}
+        rec = {k: first[k] for k in KEYS} | {"seed": first["seed"], "run_id": run_id,
+                                              "variant": (variants or {}).get(run_id, "-")}
         for col, (split, metric) in HEADLINE.items():
             if split.startswith("shift:"):
                 sel = g[(g["shift"] == split[6:]) & (g["metric"] == metric) & g["split"].str.startswith("ood/")]
@@ -56,14 +92,40 @@ def per_run(metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(list(out.values()))
 
 
+def add_effective_robustness(runs: pd.DataFrame, baselines=BASELINES) -> tuple[pd.DataFrame, dict[str, LogitFit], pd.DataFrame]:
+    """Per run `effective_robustness` = OOD mean accuracy - the fit's prediction from its ID test
+    accuracy, the fit (logit-linear) over the runs of `baselines` of the same suite. Returns the
+    runs, the fits per suite, and the fit table (with its baseline runs) to record."""
+    runs = runs.copy()
+    runs["effective_robustness"] = np.nan
+    fits, records = {}, []
+    for suite, g in runs.groupby("suite", sort=True):
+        base = g[g["method"].isin(baselines)].dropna(subset=["id_test_acc", "ood_mean_acc"])
+        try:
+            er, fit = effective_robustness(g["id_test_acc"].to_numpy(float), g["ood_mean_acc"].to_numpy(float),
+                                           base["id_test_acc"], base["ood_mean_acc"])
+        except ValueError as exc:
+            log.warning("no effective robustness for %s: %s (baselines %s)", suite, exc, ", ".join(baselines))
+            continue
+        runs.loc[g.index, "effective_robustness"] = er
+        fits[suite] = fit
+        records.append({"suite": suite, "baselines": ",".join(sorted(base["method"].unique())), "n_points": fit.n,
+                        "slope": fit.slope, "intercept": fit.intercept, "clip": fit.clip,
+                        "baseline_runs": ";".join(base["run_id"])})
+    return runs, fits, pd.DataFrame(records, columns=["suite", "baselines", "n_points", "slope", "intercept",
+                                                      "clip", "baseline_runs"])
+
+
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard error (ddof=1; NaN for one seed) and n_seeds per (suite, backbone, method)."""
+    """Mean, standard error (ddof=1; NaN for one seed) and n_seeds per (suite, backbone, method,
+    variant)."""
     if runs.empty:
-        return pd.DataFrame(columns=KEYS + ["n_seeds"])
-    value_cols = [c for c in runs.columns if c not in KEYS + ["seed", "run_id"]]
+        return pd.DataFrame(columns=KEYS + ["variant", "n_seeds"])
+    runs = runs if "variant" in runs else runs.assign(variant="-")
+    value_cols = [c for c in runs.columns if c not in KEYS + ["seed", "run_id", "variant"]]
     rows = []
-    for key, g in runs.groupby(KEYS, sort=True):
-        rec = dict(zip(KEYS, key)) | {"n_seeds": g["seed"].nunique()}
+    for key, g in runs.groupby(KEYS + ["variant"], sort=True):
+        rec = dict(zip(KEYS + ["variant"], key)) | {"n_seeds": g["seed"].nunique()}
         for c in value_cols:
             vals = g[c].dropna().to_numpy(dtype=float)
             rec[c] = vals.mean() if len(vals) else np.nan
@@ -72,8 +134,60 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build(runs_root: str | Path) -> pd.DataFrame:
-    return aggregate(per_run(load_metrics(runs_root)))
+def select_variants(variants: pd.DataFrame) -> pd.DataFrame:
+    """One row per (suite, backbone, method): the variant with the best mean validation accuracy
+    (ties and missing values: more seeds, then the variant id); `n_variants` says how many there were."""
+    if variants.empty:
+        return variants.assign(n_variants=pd.Series(dtype=int))
+    val = variants[SELECT_BY] if SELECT_BY in variants else pd.Series(np.nan, index=variants.index)
+    order = variants.assign(_val=val.fillna(-np.inf)).sort_values(
+        KEYS + ["_val", "n_seeds", "variant"], ascending=[True] * len(KEYS) + [False, False, True])
+    best = order.groupby(KEYS, sort=True).head(1).drop(columns="_val")
+    counts = variants.groupby(KEYS).size().rename("n_variants").reset_index()
+    return best.merge(counts, on=KEYS).reset_index(drop=True)
+
+
+def flag_noise(board: pd.DataFrame) -> pd.DataFrame:
+    """`<column>_within_noise` for every column with a direction: True for the best row of each
+    (suite, backbone) and for rows whose difference from it is at most the standard error of the
+    difference, sqrt(se^2 + se_best^2) (False when an SE is unknown, e.g. one seed)."""
+    board = board.copy()
+    for c, sign in DIRECTION.items():
+        if c not in board or board[c].isna().all():
+            continue
+        flags = pd.Series(False, index=board.index)
+        se = board[f"{c}_se"] if f"{c}_se" in board else pd.Series(np.nan, index=board.index)
+        for _, g in board.groupby(["suite", "backbone"]):
+            vals = g[c] * sign
+            if vals.isna().all():
+                continue
+            best = vals.idxmax()
+            tol = np.sqrt(se[g.index] ** 2 + se[best] ** 2)
+            flags[g.index] = (vals[best] - vals <= tol) | (g.index == best)
+        board[f"{c}_within_noise"] = flags
+    return board
+
+
+@dataclass
+class Leaderboard:
+    board: pd.DataFrame                       # one row per (suite, backbone, method)
+    variants: pd.DataFrame                    # every (suite, backbone, method, variant)
+    runs: pd.DataFrame                        # one row per finished run
+    fits: dict[str, LogitFit] = field(default_factory=dict)
+    er_fits: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def build_all(runs_root: str | Path, baselines=BASELINES) -> Leaderboard:
+    runs = per_run(load_metrics(runs_root), run_variants(runs_root))
+    if runs.empty:
+        return Leaderboard(aggregate(runs), aggregate(runs), runs)
+    runs, fits, er_fits = add_effective_robustness(runs, baselines)
+    variants = aggregate(runs)
+    return Leaderboard(flag_noise(select_variants(variants)), variants, runs, fits, er_fits)
+
+
+def build(runs_root: str | Path, baselines=BASELINES) -> pd.DataFrame:
+    return build_all(runs_root, baselines).board
 
 
 def _fmt(v: float, se: float, pct: bool) -> str:
@@ -87,24 +201,53 @@ def _fmt(v: float, se: float, pct: bool) -> str:
     return s if pd.isna(se) else f"{s} ± {se * scale:.1f}" if pct else f"{s} ± {se:.2g}"
 
 
-def display_table(board: pd.DataFrame) -> pd.DataFrame:
-    """Human-readable table: percentages with +- SE, costs, n_seeds."""
-    cols = [c for c in HEADLINE if c in board.columns and board[c].notna().any()]
-    out = board[KEYS + ["n_seeds"]].copy()
+TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex(text: str) -> str:
+    return "".join(TEX_ESCAPES.get(ch, ch) for ch in str(text)).replace("±", r"$\pm$")
+
+
+def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
+    """Human-readable table (`fmt` md or tex): percentages with +- SE, costs, n_seeds; entries
+    within noise of their group's best in bold."""
+    cols = [c for c in SHOWN if c in board.columns and board[c].notna().any()]
+    out = board[KEYS + ["n_seeds"]].astype(str) if fmt == "tex" else board[KEYS + ["n_seeds"]].copy()
+    if fmt == "tex":
+        out = out.map(_tex)
     for c in cols:
-        out[c] = [_fmt(v, board.get(f"{c}_se", pd.Series(np.nan, index=board.index))[i], c in PERCENT)
-                  for i, v in board[c].items()]
+        se = board[f"{c}_se"] if f"{c}_se" in board else pd.Series(np.nan, index=board.index)
+        flags = board[f"{c}_within_noise"] if f"{c}_within_noise" in board else pd.Series(False, index=board.index)
+        cells = []
+        for i, v in board[c].items():
+            s = _fmt(v, se[i], c in PERCENT)
+            if fmt == "tex":
+                s = _tex(s)
+            bold = bool(flags[i]) and s != "-"
+            cells.append((f"\\textbf{{{s}}}" if fmt == "tex" else f"**{s}**") if bold else s)
+        out[_tex(c) if fmt == "tex" else c] = cells
     return out
 
 
-def write(board: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+NOTE = ("Mean ± standard error over n_seeds trial seeds; bold: the best of its suite and backbone, or "
+        "within the standard error of the difference from it.")
+
+
+def write(board: pd.DataFrame, out_dir: str | Path, lb: Leaderboard | None = None) -> list[Path]:
+    """leaderboard.csv/.md/.tex, plus (from a full `Leaderboard`) the variants and the effective
+    robustness fits."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "leaderboard.csv", out_dir / "leaderboard.md", out_dir / "leaderboard.tex"]
     write_text_atomic(paths[0], board.to_csv(index=False, float_format="%.6g"))
-    shown = display_table(board)
-    write_text_atomic(paths[1], shown.to_markdown(index=False) + "\n")
-    write_text_atomic(paths[2], shown.to_latex(index=False, escape=True))
+    write_text_atomic(paths[1], display_table(board).to_markdown(index=False) + "\n\n" + NOTE + "\n")
+    write_text_atomic(paths[2], display_table(board, "tex").to_latex(index=False, escape=False)
+                      + "% " + NOTE + "\n")
+    if lb is not None:
+        paths += [out_dir / "leaderboard_variants.csv", out_dir / "effective_robustness.csv"]
+        write_text_atomic(paths[3], lb.variants.to_csv(index=False, float_format="%.6g"))
+        write_text_atomic(paths[4], lb.er_fits.to_csv(index=False, float_format="%.6g"))
     return paths
 
 
@@ -112,11 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs", help="runs folder (paths.runs)")
     ap.add_argument("--out", default="results", help="output folder")
+    ap.add_argument("--baselines", default=",".join(BASELINES),
+                    help="methods whose runs make the effective-robustness fit of each suite")
+    ap.add_argument("--no-plots", action="store_true", help="tables only")
     args = ap.parse_args(argv)
-    board = build(args.runs)
-    if board.empty:
+    lb = build_all(args.runs, tuple(m for m in args.baselines.split(",") if m))
+    if lb.board.empty:
         raise SystemExit(f"no finished runs under {args.runs}/; run `make bench` or python -m rftbench.run first")
-    paths = write(board, args.out)
+    paths = write(lb.board, args.out, lb)
+    if not args.no_plots:
+        paths += plots.plot_all(lb.runs, lb.fits, args.runs, args.out)
     print((Path(args.out) / "leaderboard.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
 

@@ -3,14 +3,22 @@
 A run folder `<runs>/<suite>/<backbone>/<method>/<run_id>/` holds `config.yaml`, `metrics.csv`
 (long format), `info.json` (what the method chose, costs), `env.json`, optional artifacts, and last
 `done`. A folder without `done` is incomplete and is redone; `error.txt` records a failure.
+While a process computes a run it holds the folder's `.lock` (see `RunLock`), so two processes never
+compute the same run at once; `checkpoints/` holds training state a resumed attempt continues from.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 import traceback
+import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -22,8 +30,135 @@ from rftbench.utils import write_text_atomic
 
 COLUMNS = ["run_id", "suite", "backbone", "method", "seed", "split", "shift", "corruption",
            "severity", "metric", "value", "selection", "detail"]
+LOCK = ".lock"
+CHECKPOINTS = "checkpoints"  # per-epoch training state of an unfinished attempt (rftbench.train.fit)
 PACKAGES = ["torch", "torchvision", "timm", "numpy", "hydra-core", "peft", "scikit-learn",
             "imagecorruptions-imaug", "pyautoattack", "robustbench", "safetensors"]
+
+
+class RunBusy(RuntimeError):
+    """Another live process holds the run's lock (it is computing the run now)."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (Linux /proc), to tell a live owner from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _start_time(pid)
+    return started is None or now is None or now == started
+
+
+class RunLock:
+    """An exclusive claim on a run folder: the lock file names its owner (host, pid, process start
+    time, SLURM job) and a heartbeat thread keeps its mtime fresh. A lock is stale, and taken over,
+    when its owner process is gone (same host), when it belongs to an earlier attempt of this SLURM
+    job (a requeue), or when nobody refreshed it for `stale_s` seconds (owner on a lost node)."""
+
+    heartbeat_s = 30.0
+    stale_s = 300.0
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._stop.set()
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "token": self.token}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"].parent)
+        self.token = state["token"]
+
+    def owner(self) -> dict | None:
+        """The lock file's content plus its `age_s` and whether it is `stale`; None if unlocked."""
+        try:
+            text, age = self.path.read_text(), time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            info = json.loads(text)
+        except json.JSONDecodeError:
+            info = {}
+        return {**info, "age_s": age, "stale": self._stale(info, age), "text": text}
+
+    def _stale(self, info: dict, age: float) -> bool:
+        if info.get("token") == self.token:
+            return False
+        if info.get("host") == socket.gethostname() and "pid" in info:
+            return info["pid"] == os.getpid() or not _alive(info["pid"], info.get("started"))
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and info.get("job") == job:
+            return True
+        return age > self.stale_s
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `RunBusy` naming the live owner."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+              "job": os.environ.get("SLURM_JOB_ID"), "token": self.token,
+              "time": datetime.now(timezone.utc).isoformat()}
+        tmp = self.path.with_name(f"{LOCK}.{self.token}.tmp")
+        tmp.write_text(json.dumps(me))
+        try:
+            for _ in range(5):
+                try:
+                    os.link(tmp, self.path)  # atomic: fails if the lock exists
+                    break
+                except FileExistsError:
+                    owner = self.owner()
+                    if owner is not None and not owner["stale"]:
+                        raise RunBusy(
+                            f"run {self.path.parent} is being computed by pid {owner.get('pid')} on "
+                            f"{owner.get('host')} (lock refreshed {owner['age_s']:.0f}s ago); rerun "
+                            f"later, or delete {self.path} if that process is gone") from None
+                    if owner is not None:
+                        self._break(owner["text"])
+            else:
+                raise RunBusy(f"could not take {self.path}: other processes keep taking it")
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(self._stop,), daemon=True,
+                         name=f"lock-{self.path.parent.name}").start()
+
+    def _break(self, seen: str) -> None:
+        """Remove a stale lock; if another process replaced it meanwhile, put theirs back."""
+        tomb = self.path.with_name(f"{LOCK}.{self.token}.stale")
+        try:
+            os.rename(self.path, tomb)
+        except FileNotFoundError:
+            return
+        if tomb.read_text() != seen:
+            try:
+                os.link(tomb, self.path)
+            except FileExistsError:
+                pass
+        tomb.unlink()
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        owner = self.owner()
+        if owner is not None and owner.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
 
 
 class RunFolder:
@@ -31,6 +166,7 @@ class RunFolder:
         self.path = Path(root) / suite / backbone.replace("/", "_") / method / run_id
         self.run_id = run_id
         self.columns = {"run_id": run_id, "suite": suite, "backbone": backbone, "method": method}
+        self.lock = RunLock(self.path)
 
     @property
     def done(self) -> bool:
@@ -45,10 +181,23 @@ class RunFolder:
         return "incomplete" if self.path.exists() else "pending"
 
     def start(self) -> None:
-        """Create the folder; clear what a previous failed attempt left."""
+        """Create the folder and take its lock (`RunBusy` if another process computes the run);
+        clear what a previous attempt left. An interrupted attempt's checkpoints are kept (the new
+        attempt continues from them); a failed attempt's are not."""
         self.path.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        if self.done:
+            self.lock.release()
+            raise RunBusy(f"run {self.path} was finished by another process meanwhile")
+        if (self.path / "error.txt").exists():
+            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
         for stale in ("error.txt", "metrics.csv", "info.json"):
             (self.path / stale).unlink(missing_ok=True)
+
+    def lock_owner(self) -> dict | None:
+        """The live process computing this run now (its lock's content), or None."""
+        owner = self.lock.owner()
+        return owner if owner is not None and not owner["stale"] else None
 
     def write_text(self, name: str, text: str) -> Path:
         write_text_atomic(self.path / name, text)
@@ -70,9 +219,12 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         tb = "".join(traceback.format_exception(exc))
         self.write_text("error.txt", f"{type(exc).__name__}: {exc}\n\n{tb}")
+        self.lock.release()
 
     def finish(self) -> None:
         self.write_text("done", datetime.now(timezone.utc).isoformat() + "\n")
+        shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+        self.lock.release()
 
 
 def environment(device: str) -> dict:
@@ -104,14 +256,16 @@ def git_state() -> dict:
 
 
 def run_folders(root: str | Path) -> list[Path]:
-    """Every run folder under `root` (any status)."""
+    """Every run folder under `root` (any status); hidden folders (Hydra's `.hydra/`) are not runs."""
     root = Path(root)
-    return sorted(p.parent for p in root.glob("*/*/*/*/config.yaml"))
+    return sorted(p.parent for p in root.glob("*/*/*/*/config.yaml")
+                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def load_metrics(root: str | Path) -> pd.DataFrame:
     """Concatenated metrics of the finished (`done`) runs under `root`."""
-    frames = [pd.read_csv(p / "metrics.csv") for p in run_folders(root) if (p / "done").exists()]
+    frames = [pd.read_csv(p / "metrics.csv", dtype={"run_id": str}) for p in run_folders(root)
+              if (p / "done").exists()]  # run ids such as 1234e567 are not numbers
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,163 @@
+"""What a sweep would run: its jobs, which are done, failed, running or pending, and the remaining
+cost estimated from finished runs. Same arguments as the sweep:
+
+    python -m rftbench.plan -m experiment=bench
+    python -m rftbench.run -m experiment=bench --plan
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict, read_write
+
+from rftbench.results import RunFolder, load_metrics
+from rftbench.run import CONFIG_DIR, run_folder
+from rftbench.sweep import sample_hparams
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+STATUSES = ("done", "failed", "running", "incomplete", "pending")
+COST_METRICS = ("adapt_time_s", "eval_time_s")
+
+
+@dataclass
+class Job:
+    overrides: list[str]
+    cfg: DictConfig
+    folder: RunFolder
+
+
+def expand(master: DictConfig, loader) -> list[Job]:
+    """The jobs of a multirun, composed exactly as the basic sweeper and the launchers compose
+    them (sweeper params + command-line overrides; the task config without `hydra`)."""
+    params = master.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(master.hydra.overrides.task)
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(args)
+    jobs = []
+    for overrides in BasicSweeper.split_arguments(parsed, None)[0]:
+        cfg = loader.load_sweep_config(master, list(overrides))
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+        cfg = sample_hparams(cfg)
+        jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
+    return jobs
+
+
+def status(folder: RunFolder) -> str:
+    """done | failed | running (a live process holds its lock) | incomplete (interrupted) | pending."""
+    if folder.done:
+        return "done"
+    if folder.path.exists() and folder.lock_owner() is not None:
+        return "running"
+    return folder.status
+
+
+def error_line(folder: RunFolder) -> str:
+    try:
+        return (folder.path / "error.txt").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def run_costs(roots: list[Path]) -> pd.DataFrame:
+    """Seconds of adaptation + evaluation of every finished run under `roots`."""
+    frames = [load_metrics(r) for r in roots]
+    m = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if m.empty:
+        return pd.DataFrame(columns=["run_id", "suite", "backbone", "method", "seconds"])
+    m = m[m["metric"].isin(COST_METRICS)]
+    return m.groupby(["run_id", "suite", "backbone", "method"], as_index=False)["value"].sum().rename(
+        columns={"value": "seconds"})
+
+
+def estimate(costs: pd.DataFrame, suite: str, backbone: str, method: str) -> tuple[float, str]:
+    """Mean cost of finished runs like this one: same suite/backbone/method, else same method,
+    else any; with what it is based on."""
+    want = {"suite": suite, "backbone": backbone, "method": method}
+    for keys in (("suite", "backbone", "method"), ("method",), ()):
+        sel = costs
+        for k in keys:
+            sel = sel[sel[k] == want[k]]
+        if len(sel):
+            return float(sel["seconds"].mean()), f"{len(sel)} runs, same {'/'.join(keys)}" if keys else f"{len(sel)} runs, any"
+    return math.nan, "no finished runs"
+
+
+def varying(jobs: list[Job]) -> list[list[str]]:
+    """Each job's overrides that differ between jobs (what identifies it within the sweep)."""
+    keys = {}
+    for job in jobs:
+        for o in job.overrides:
+            keys.setdefault(o.split("=", 1)[0], set()).add(o)
+    return [[o for o in job.overrides if len(keys[o.split("=", 1)[0]]) > 1] for job in jobs]
+
+
+def plan(overrides: list[str], config_dir: str = CONFIG_DIR) -> pd.DataFrame:
+    """One row per job of the sweep `overrides` would start: its overrides, run folder, status,
+    error (failed runs), cost (measured for done runs, else estimated) and what the estimate is
+    based on."""
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name="run"):
+        gh = GlobalHydra.instance()
+        master = gh.hydra.compose_config("config", overrides, run_mode=RunMode.MULTIRUN)
+        jobs = expand(master, gh.config_loader())
+    costs = run_costs(sorted({Path(j.cfg.paths.runs) for j in jobs}))
+    rows = []
+    for i, (job, vary) in enumerate(zip(jobs, varying(jobs))):
+        c = job.folder.columns
+        st = status(job.folder)
+        own = costs[costs["run_id"] == job.folder.run_id]
+        cost, basis = ((float(own["seconds"].iloc[0]), "measured") if st == "done" and len(own)
+                       else estimate(costs, c["suite"], c["backbone"], c["method"]))
+        rows.append({"job": i, "overrides": " ".join(vary), "suite": c["suite"], "backbone": c["backbone"],
+                     "method": c["method"], "seed": int(job.cfg.seed), "run_id": job.folder.run_id,
+                     "status": st, "cost_s": cost, "cost_basis": basis, "folder": str(job.folder.path),
+                     "error": error_line(job.folder) if st == "failed" else ""})
+    return pd.DataFrame(rows)
+
+
+def _duration(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def report(table: pd.DataFrame) -> str:
+    """The plan as text: the jobs, the counts per status and the remaining cost."""
+    counts = ", ".join(f"{(table['status'] == s).sum()} {s}" for s in STATUSES if (table["status"] == s).any())
+    shown = table[["job", "overrides", "method", "seed", "status", "cost_s", "cost_basis", "folder"]].copy()
+    shown["cost_s"] = shown["cost_s"].map(_duration)
+    todo = table[table["status"] != "done"]
+    unknown = int(todo["cost_s"].isna().sum())
+    lines = [f"sweep plan: {len(table)} jobs: {counts}", shown.to_string(index=False),
+             f"to run: {len(todo)} jobs, estimated {_duration(todo['cost_s'].sum(skipna=True))} of compute "
+             f"(one after another; divide by the parallel jobs)"
+             + (f", {unknown} without an estimate" if unknown else "")]
+    failed = table[table["status"] == "failed"]
+    lines += [f"failed: {r.folder}: {r.error}" for r in failed.itertuples()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="the sweep's overrides, e.g. method=ft,lp seed=0,1,2")
+    ap.add_argument("-m", "--multirun", action="store_true", help="accepted and ignored (a plan is of a sweep)")
+    ap.add_argument("--csv", help="also write the table to this CSV file")
+    args = ap.parse_args(argv)
+    table = plan(args.overrides)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    print(report(table))
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The leaderboard from run folders: mean +- SE and n, noise flags, effective robustness with its
+recorded baseline set, hyper-parameter variants chosen on validation, CSV/Markdown/LaTeX."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from rftbench import leaderboard as lb
+from rftbench.results import RunFolder
+
+
+def add_run(root, method: str, seed: int, id_acc: float, ood_acc: float, *, val: float = 0.5, ece: float = 0.1,
+            lr: float = 0.01, backbone: str = "b") -> str:
+    run_id = f"{method}-{seed}-{lr}-{backbone}"
+    cfg = {"seed": seed, "method": {"name": method, "lr": lr}, "suite": {"name": "digits"},
+           "backbone": {"name": backbone}, "paths": {"runs": str(root)}, "device": "cpu"}
+    folder = RunFolder(root, "digits", backbone, method, run_id)
+    folder.path.mkdir(parents=True)
+    folder.write_text("config.yaml", yaml.safe_dump(cfg))
+    folder.write_metrics([{"split": "test", "metric": "acc", "value": id_acc, "selection": "val"},
+                          {"split": "ood", "metric": "acc_mean", "value": ood_acc, "selection": "val"},
+                          {"split": "test", "metric": "ece", "value": ece, "selection": "val"},
+                          {"split": "-", "metric": "chosen/val_acc", "value": val, "selection": "val"},
+                          {"split": "ood", "metric": "acc_mean", "value": 0.99, "selection": "oracle"}], seed)
+    folder.finish()
+    return run_id
+
+
+def logit(p):
+    p = np.clip(np.asarray(p, float), 1e-3, 1 - 1e-3)
+    return np.log(p / (1 - p))
+
+
+ACC = {  # method -> (ID accuracies over seeds 0..2, OOD accuracies)
+    "zeroshot": ([0.50, 0.50, 0.50], [0.60, 0.60, 0.60]),
+    "lp": ([0.70, 0.71, 0.72], [0.55, 0.56, 0.54]),
+    "ft": ([0.80, 0.82, 0.84], [0.40, 0.42, 0.41]),
+    "ct": ([0.81, 0.83, 0.85], [0.52, 0.50, 0.55]),
+}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    for method, (ids, oods) in ACC.items():
+        for seed, (i, o) in enumerate(zip(ids, oods)):
+            add_run(root, method, seed, i, o, ece=0.05 if method == "ct" else 0.1 + 0.01 * seed)
+    return root
+
+
+def row(board, method):
+    return board.set_index("method").loc[method]
+
+
+def test_mean_se_and_n_per_row(runs):
+    board = lb.build(runs)
+    assert list(board["method"]) == ["ct", "ft", "lp", "zeroshot"]
+    for method, (ids, oods) in ACC.items():
+        r = row(board, method)
+        assert r["n_seeds"] == 3 and r["n_variants"] == 1
+        assert r["id_test_acc"] == pytest.approx(np.mean(ids))
+        assert r["id_test_acc_se"] == pytest.approx(np.std(ids, ddof=1) / math.sqrt(3))
+        assert r["ood_mean_acc"] == pytest.approx(np.mean(oods))  # oracle rows never counted
+
+
+def test_effective_robustness_against_the_recorded_baselines(runs):
+    res = lb.build_all(runs)
+    base_id = sum((ACC[m][0] for m in lb.BASELINES), [])
+    base_ood = sum((ACC[m][1] for m in lb.BASELINES), [])
+    slope, intercept = np.polyfit(logit(base_id), logit(base_ood), 1)
+    ids, oods = map(np.array, ACC["ct"])
+    expected = oods - 1 / (1 + np.exp(-(slope * logit(ids) + intercept)))
+    assert row(res.board, "ct")["effective_robustness"] == pytest.approx(expected.mean())
+    assert row(res.board, "ct")["effective_robustness_se"] == pytest.approx(expected.std(ddof=1) / math.sqrt(3))
+    fit = res.er_fits.set_index("suite").loc["digits"]
+    assert fit["baselines"] == "ft,lp,zeroshot" and fit["n_points"] == 9
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+    recorded = set(fit["baseline_runs"].split(";"))
+    assert len(recorded) == 9 and not any(r.startswith("ct-") for r in recorded)
+    # other baselines, other fit; fewer than 2 distinct points: no effective robustness, no crash
+    assert lb.build_all(runs, ("lp", "ft")).er_fits.loc[0, "n_points"] == 6
+    assert lb.build_all(runs, ("zeroshot",)).board["effective_robustness"].isna().all()
+
+
+def test_differences_within_noise_are_flagged(runs):
+    board = lb.build(runs)
+    flags = board.set_index("method")["id_test_acc_within_noise"]
+    # ct is best (0.83); ft is 0.01 below with SE 0.0115 each: within sqrt(2) * 0.0115; lp is not
+    assert flags.to_dict() == {"ct": True, "ft": True, "lp": False, "zeroshot": False}
+    ece = board.set_index("method")["ece_within_noise"]  # lower is better
+    assert ece.to_dict() == {"ct": True, "ft": False, "lp": False, "zeroshot": False}
+    md = lb.display_table(board).set_index("method")
+    assert md.loc["ct", "id_test_acc"] == "**83.0 ± 1.2**" and md.loc["ft", "id_test_acc"] == "**82.0 ± 1.2**"
+    assert md.loc["lp", "id_test_acc"] == "71.0 ± 0.6"
+
+
+def test_one_seed_flags_only_the_best(tmp_path):
+    root = tmp_path / "runs"
+    add_run(root, "ft", 0, 0.80, 0.4)
+    add_run(root, "ct", 0, 0.801, 0.4)
+    flags = lb.build(root).set_index("method")["id_test_acc_within_noise"]
+    assert flags.to_dict() == {"ct": True, "ft": False}
+
+
+def test_hyper_parameter_variants_are_not_seeds_and_val_chooses(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        add_run(root, "ft", seed, 0.80 + 0.01 * seed, 0.4, val=0.90, lr=0.01)
+        add_run(root, "ft", seed, 0.95, 0.3, val=0.80, lr=0.1)  # better on test, worse on val
+    res = lb.build_all(root)
+    r = row(res.board, "ft")
+    assert r["n_seeds"] == 3 and r["n_variants"] == 2
+    assert r["id_test_acc"] == pytest.approx(0.81)
+    assert len(res.variants) == 2 and sorted(res.variants["n_seeds"]) == [3, 3]
+
+
+def test_outputs_csv_markdown_latex_and_plots(runs, tmp_path):
+    out = tmp_path / "results"
+    lb.main(["--runs", str(runs), "--out", str(out)])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["effective_robustness.csv", "id_vs_ood_digits.png", "leaderboard.csv", "leaderboard.md",
+                     "leaderboard.tex", "leaderboard_variants.csv"]
+    csv = pd.read_csv(out / "leaderboard.csv")
+    assert {"n_seeds", "id_test_acc", "id_test_acc_se", "id_test_acc_within_noise", "effective_robustness",
+            "variant", "n_variants"} <= set(csv.columns)
+    tex = (out / "leaderboard.tex").read_text()
+    assert r"id\_test\_acc" in tex and r"\textbf{83.0 $\pm$ 1.2}" in tex and "**" not in tex
+    assert "bold: the best" in (out / "leaderboard.md").read_text()
+    assert (out / "id_vs_ood_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_ids_that_look_like_numbers_stay_strings(tmp_path):
+    root = tmp_path / "runs"
+    for seed, run_id in enumerate(["49880825710592e7", "1234567890123456"]):
+        folder = RunFolder(root, "digits", "b", "ft", run_id)
+        folder.path.mkdir(parents=True)
+        folder.write_text("config.yaml", yaml.safe_dump({"seed": seed, "method": {"name": "ft"}}))
+        folder.write_metrics([{"split": "test", "metric": "acc", "value": 0.5 + seed / 10}], seed)
+        folder.finish()
+    res = lb.build_all(root, ("ft",))
+    assert sorted(res.runs["run_id"]) == ["1234567890123456", "49880825710592e7"]
+    assert res.board.loc[0, "n_seeds"] == 2 and res.board.loc[0, "n_variants"] == 1

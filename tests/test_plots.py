@@ -1,0 +1,76 @@
+"""Leaderboard plots: what they draw (fit line, means over runs, chosen value) and which are written."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rftbench import plots
+from rftbench.metrics import LogitFit
+from rftbench.results import RunFolder
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def runs_table() -> pd.DataFrame:
+    return pd.DataFrame({"suite": ["digits"] * 4, "backbone": ["b", "b", "b", "c"],
+                         "method": ["ft", "ft", "lp", "ft"], "run_id": list("wxyz"),
+                         "id_test_acc": [0.9, 0.92, 0.7, 1.0], "ood_mean_acc": [0.3, 0.35, 0.5, 0.0]})
+
+
+def add(root, method: str, run_id: str, tables: dict[str, pd.DataFrame], done: bool = True) -> None:
+    folder = RunFolder(root, "digits", "b", method, run_id)
+    folder.path.mkdir(parents=True)
+    folder.write_text("config.yaml", "seed: 0\n")
+    for name, t in tables.items():
+        folder.write_table(name, t)
+    if done:
+        folder.finish()
+
+
+def test_id_vs_ood_draws_runs_the_fit_and_the_diagonal():
+    fit = LogitFit(slope=0.5, intercept=-1.0, n=5, clip=1e-3)
+    fig = plots.id_vs_ood_figure(runs_table(), "digits", fit)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "logit" and ax.get_yscale() == "logit"
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert len(ax.collections) == 3 and len(points) == 4  # (method, backbone) groups; every run
+    assert points.min() >= 1e-3 and points.max() <= 1 - 1e-3  # 0 and 1 clipped onto the logit axes
+    diagonal, line = ax.lines
+    assert np.allclose(diagonal.get_xdata(), diagonal.get_ydata())
+    x = line.get_xdata()
+    assert np.allclose(line.get_ydata(), np.clip(fit.predict(x), 1e-3, 1 - 1e-3))
+    assert "n=5" in line.get_label()
+    assert plots.id_vs_ood_figure(runs_table(), "cifar10", fit) is None
+
+
+def test_sweep_curves_average_runs_and_mark_the_val_choice(tmp_path):
+    beta = [0.5, 0.8, 0.95]
+    add(tmp_path, "ct", "r1", {plots.CT_SWEEP: pd.DataFrame({"beta": beta, "val_acc": [0.5, 0.7, 0.6],
+                                                             "test_acc": [0.4, 0.6, 0.7]})})
+    add(tmp_path, "ct", "r2", {plots.CT_SWEEP: pd.DataFrame({"beta": beta, "val_acc": [0.5, 0.9, 0.6],
+                                                             "test_acc": [0.6, 0.8, 0.9]})})
+    add(tmp_path, "ct", "r3", {plots.CT_SWEEP: pd.DataFrame({"beta": beta, "val_acc": [1, 1, 1],
+                                                             "test_acc": [1, 1, 1]})}, done=False)
+    t = plots.sweep_tables(tmp_path, plots.CT_SWEEP)
+    assert sorted(t["run_id"].unique()) == ["r1", "r2"]  # unfinished runs are not read
+    ax = plots.curve_figure(t, "beta", "method", "t", "beta").axes[0]
+    val, test, chosen = ax.lines
+    assert list(test.get_xdata()) == beta and np.allclose(test.get_ydata(), [0.5, 0.7, 0.8])
+    assert np.allclose(val.get_ydata(), [0.5, 0.8, 0.6]) and chosen.get_xdata()[0] == pytest.approx(0.8)
+
+
+def test_plot_all_writes_what_there_is_data_for(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    fit = {"digits": LogitFit(1.0, 0.0, 3, 1e-3)}
+    assert [p.name for p in plots.plot_all(runs_table(), fit, runs, out)] == ["id_vs_ood_digits.png"]
+    add(runs, "ct", "r1", {plots.CT_SWEEP: pd.DataFrame({"beta": [0.5, 0.9], "val_acc": [0.5, 0.6],
+                                                         "test_acc": [0.4, 0.5]})})
+    add(runs, "rws", "r2", {plots.RWS_SWEEP: pd.DataFrame({"corruption": ["fog", "fog", "snow", "snow"],
+                                                           "coeff": [0.0, 1.0, 0.0, 1.0],
+                                                           "val_acc": [0.3, 0.5, 0.2, 0.4],
+                                                           "test_acc": [0.3, 0.45, 0.2, 0.35]})})
+    paths = plots.plot_all(runs_table().iloc[:0], {}, runs, out)
+    assert [p.name for p in paths] == ["ct_beta_digits_b.png", "rws_coeff_digits_b.png"]
+    assert all(p.read_bytes()[:8] == PNG for p in paths)
+    assert not list(out.glob(".*.tmp"))
