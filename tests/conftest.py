@@ -9,6 +9,8 @@ from hydra import compose, initialize_config_dir
 
 from rftbench.run import CONFIG_DIR
 
+os.environ["WANDB_MODE"] = "offline"  # tests never upload
+
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:

@@ -99,7 +99,7 @@ def test_robustbench_backbone_runs_on_cifar10(make_cfg, tmp_path):
     write_cifar10(tmp_path / "data" / "cifar10")
     cfg = make_cfg(f"backbone=robustbench/cifar10/corruptions/{name}", "suite=cifar10", "method=zeroshot",
                    f"paths.data={tmp_path / 'data'}", f"paths.models={tmp_path / 'models'}",
-                   "suite.build.corruptions=[]", experiment=None)
+                   "suite.build.corruptions=[]", "eval.adversarial.enabled=false", experiment=None)
     assert execute(cfg) == "done"
     m = pd.read_csv(run_folder(cfg).path / "metrics.csv")
     acc = m[(m["split"] == "test") & (m["metric"] == "acc")]["value"].item()

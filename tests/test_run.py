@@ -61,7 +61,7 @@ def test_same_seed_same_metrics(make_cfg, tmp_path):
 
 
 def test_nan_loss_stops_the_run_without_done(make_cfg):
-    cfg = make_cfg("method=ft", "method.adapt.optimizer.lr=1e30")
+    cfg = make_cfg("method=ft", "method.finetune.optimizer.lr=1e30")
     with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
         execute(cfg)
     folder = run_folder(cfg)

@@ -1,0 +1,216 @@
+"""Curvature Tuning in the runner: the beta grid and choice, steering CT (vs LP), trainable CT
+(frozen backbone and BatchNorm), robustness mode (beta chosen without test data)."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import rftbench.run as runner
+from rftbench.methods import ct_method
+from rftbench.methods.base import state_of
+from rftbench.methods.ct import CTU, TrainableCTU
+from rftbench.methods.ct_method import beta_grid, choose, fast_fit_probe
+from rftbench.methods.lp import probe
+from rftbench.run import build_model, build_suite, execute, run_folder
+from rftbench.train import RunContext, accuracy_on, fit_probe
+
+GRID = "method.betas.values=[0.8,0.9,0.95]"
+SWEEP_COLUMNS = ["beta", "val_acc", "test_acc"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Intra-op threads spin-wait on a loaded 2-core machine: one thread is much faster here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Stop(Exception):
+    """Raised by a stand-in to stop a method once it has shown its arguments."""
+
+
+def metric(m: pd.DataFrame, split: str, name: str, selection: str = "val") -> float:
+    sel = m[(m["split"] == split) & (m["metric"] == name) & (m["selection"] == selection)]
+    return sel["value"].item()
+
+
+def val_argmax(table: pd.DataFrame) -> float:
+    """The beta with the best val accuracy, ties -> larger beta (computed independently)."""
+    best = table["val_acc"].max()
+    return table.loc[table["val_acc"] == best, "beta"].max()
+
+
+def suite_and_model(cfg):
+    ctx = RunContext(cache_dir=Path(cfg.paths.cache), seed=cfg.seed, eval_batch_size=cfg.eval.batch_size)
+    suite = build_suite(cfg, ctx)
+    return suite, build_model(cfg, suite, ctx), ctx
+
+
+def test_default_grid_is_thirty_exact_two_decimal_values_plus_one(make_cfg):
+    grid = beta_grid(make_cfg("method=ct").method.betas)
+    assert grid == [round(0.70 + 0.01 * i, 2) for i in range(30)] + [1.0]
+    assert 0.73 in grid and 0.99 in grid and grid == sorted(grid)
+    assert beta_grid([0.9, 0.8, 0.9, 1.0]) == [0.8, 0.9, 1.0]
+    assert beta_grid({"start": 0.5, "stop": 0.6, "step": 0.05}) == [0.5, 0.55, 0.6, 1.0]
+    assert beta_grid({"start": 0.7, "stop": 0.97, "step": 0.04}) == [0.7, 0.74, 0.78, 0.82, 0.86, 0.9, 0.94, 1.0]
+    assert beta_grid(make_cfg("method=ct", GRID).method.betas) == [0.8, 0.9, 0.95, 1.0]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        beta_grid([0.5, 1.2])
+    with pytest.raises(ValueError, match="step > 0"):
+        beta_grid({"start": 0.7, "stop": 0.9, "step": 0})
+
+
+def test_choose_takes_best_val_and_breaks_ties_toward_relu():
+    assert choose({0.7: 0.5, 0.8: 0.9, 0.9: 0.9, 1.0: 0.6}) == 0.9
+    assert choose({0.7: 0.95, 0.8: 0.9, 1.0: 0.6}) == 0.7
+    assert choose({0.8: 0.9, 1.0: 0.9}) == 1.0
+
+
+@pytest.mark.parametrize("n,batch_size,weight_decay,lr", [(200, 32, 0.0, 1e-3), (203, 21, 0.01, 1e-2), (10, 32, 0.0, 0.1)])
+def test_fast_probe_is_fit_probe_bit_for_bit(n, batch_size, weight_decay, lr):
+    gen = torch.Generator().manual_seed(n)
+    x, xv = torch.randn(n, 24, generator=gen).relu(), torch.randn(40, 24, generator=gen).relu()
+    y, yv = torch.randint(0, 5, (n,), generator=gen), torch.randint(0, 5, (40,), generator=gen)
+    init = torch.nn.Linear(24, 5)
+    kw = dict(init=init, lr=lr, epochs=6, batch_size=batch_size, decay_epoch=3, weight_decay=weight_decay, seed=3)
+    ref, fast = fit_probe(x, y, xv, yv, 5, **kw), fast_fit_probe(x, y, xv, yv, 5, **kw)
+    assert (fast.val_acc, fast.best_epoch) == (ref.val_acc, ref.best_epoch)
+    assert torch.equal(fast.head.weight, ref.head.weight) and torch.equal(fast.head.bias, ref.head.bias)
+    assert torch.equal(init.weight, kw["init"].weight) and not fast.head.training
+
+
+def test_ct_run_chooses_beta_on_val_and_is_never_below_lp(make_cfg):
+    cfg = make_cfg("method=ct", GRID)
+    assert execute(cfg) == "done"
+    path = run_folder(cfg).path
+    table = pd.read_csv(path / "beta_sweep.csv")
+    assert list(table.columns[:3]) == SWEEP_COLUMNS
+    assert table["beta"].tolist() == [0.8, 0.9, 0.95, 1.0]
+    assert table["test_acc"].between(0, 1).all() and (table["test_acc_selection"] == "oracle").all()
+    m = pd.read_csv(path / "metrics.csv")
+    beta = metric(m, "-", "chosen/beta")
+    assert beta in table["beta"].tolist() and beta == val_argmax(table)
+    assert table.loc[table["chosen"], "beta"].tolist() == [beta]
+    chosen = table[table["beta"] == beta].iloc[0]
+    # the evaluated model is the CT model at the chosen beta with that beta's probe
+    assert metric(m, "-", "chosen/val_acc") == pytest.approx(chosen["val_acc"])
+    assert metric(m, "test", "acc") == pytest.approx(chosen["test_acc"])
+    assert metric(m, "test", "acc", "oracle") == pytest.approx(table["test_acc"].max())
+    assert metric(m, "-", "chosen/coeff") == 0.5 and metric(m, "-", "chosen/ct_sites") > 0
+    assert metric(m, "-", "trainable_params") == 256 * 10 + 10  # the head only
+    info = json.loads((path / "info.json").read_text())["info"]
+    assert info["beta"] == beta
+
+    # beta = 1 is plain LP with the same probe: same val accuracy, so CT's choice is never below LP
+    suite, model, ctx = suite_and_model(cfg)
+    _, lp_val_acc, _ = probe(model, suite, ctx, **cfg.method.probe)
+    assert table.loc[table["beta"] == 1.0, "val_acc"].item() == lp_val_acc
+    assert chosen["val_acc"] >= lp_val_acc
+
+
+def test_ct_selection_reads_train_and_val_only(make_cfg):
+    cfg = make_cfg("method=ct", GRID)
+    suite, model, ctx = suite_and_model(cfg)
+    blind = replace(suite, splits={k: suite.splits[k] for k in ("train", "val")})
+    kwargs = dict(betas=[0.8, 0.9, 0.95], probe_cfg=dict(cfg.method.probe))
+    a = ct_method.adapt(model, blind, ctx, oracle_test=False, **kwargs)
+    b = ct_method.adapt(model, suite, ctx, oracle_test=True, **kwargs)
+    assert a.info == b.info
+    assert a.tables["beta_sweep"]["test_acc"].isna().all() and not a.rows
+    pd.testing.assert_series_equal(a.tables["beta_sweep"]["val_acc"], b.tables["beta_sweep"]["val_acc"])
+    assert {m.beta for m in b.model.modules() if isinstance(m, CTU)} == {b.info["beta"]}
+
+
+def test_ct_trainable_trains_ct_and_head_only(make_cfg, monkeypatch):
+    seen = {}
+
+    def recording_build_model(cfg, suite, ctx):
+        model = build_model(cfg, suite, ctx)
+        seen["before"] = state_of(model)
+        return model
+
+    def recording_evaluate(model, *args, **kwargs):
+        seen["adapted"] = model
+        return runner_evaluate(model, *args, **kwargs)
+
+    runner_evaluate = runner.evaluate
+    monkeypatch.setattr(runner, "build_model", recording_build_model)
+    monkeypatch.setattr(runner, "evaluate", recording_evaluate)
+    cfg = make_cfg("method=ct_trainable")
+    assert execute(cfg) == "done"
+    m = pd.read_csv(run_folder(cfg).path / "metrics.csv")
+
+    before, model = seen["before"], seen["adapted"]
+    after = model.state_dict()
+    backbone = [k for k in before if not k.startswith("head.")]
+    assert any(k.endswith("running_var") for k in backbone)
+    for k in backbone:  # weights and BatchNorm buffers bit for bit
+        assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["head.weight"], before["head.weight"])  # the head trained
+
+    units = [u for u in model.modules() if isinstance(u, TrainableCTU)]
+    assert len(units) == metric(m, "-", "chosen/ct_sites") > 0
+    betas = torch.cat([torch.sigmoid(u.r) for u in units])
+    coeffs = torch.cat([torch.sigmoid(u.q) for u in units])
+    assert not torch.allclose(betas, torch.full_like(betas, torch.sigmoid(torch.tensor(1.386)).item()))
+    assert metric(m, "-", "chosen/mean_beta") == pytest.approx(betas.mean().item())
+    assert metric(m, "-", "chosen/mean_coeff") == pytest.approx(coeffs.mean().item())
+    n_ct = sum(2 * u.num_channels for u in units)
+    assert metric(m, "-", "trainable_params") == n_ct + 256 * 10 + 10
+    history = pd.read_csv(run_folder(cfg).path / "history.csv")
+    assert metric(m, "-", "chosen/val_acc") == history["val_acc"].max()
+
+
+def test_ct_trainable_lr_schedule_maps_the_paper_to_the_budget(make_cfg, monkeypatch):
+    calls = {}
+
+    def fake_fit(*args, **kwargs):
+        calls.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(ct_method, "fit", fake_fit)
+    cfg = make_cfg("method=ct_trainable", "budget.epochs=20")
+    suite, model, ctx = suite_and_model(cfg)
+    with pytest.raises(Stop):
+        instantiate(cfg.method.adapt)(model=model, suite=suite, ctx=ctx)
+    assert calls["epochs"] == 20 and calls["bn_eval"] is True
+    assert calls["scheduler"] == {"name": "step", "milestones": [10], "gamma": 0.1}
+    groups = calls["params"]
+    assert [g.get("lr") for g in groups] == [0.1, None]  # CT params at 0.1, the head at Adam's 1e-3
+    assert calls["optimizer"].keywords["lr"] == 1e-3
+    assert all(p.requires_grad for g in groups for p in g["params"])
+
+
+def test_ct_robust_chooses_beta_on_val_without_test_data(make_cfg):
+    cfg = make_cfg("method=ct_robust", GRID)
+    suite, model, ctx = suite_and_model(cfg)
+    zeroshot_val = accuracy_on(model, suite.val, ctx)
+    blind = replace(suite, splits={k: suite.splits[k] for k in ("train", "val")})
+    a = instantiate(cfg.method.adapt)(model=model, suite=blind, ctx=ctx, oracle_test=False)
+    table = a.tables["beta_sweep"]
+    assert table["beta"].tolist() == [0.8, 0.9, 0.95, 1.0] and a.trainable_params == 0
+    assert table.loc[table["beta"] == 1.0, "val_acc"].item() == zeroshot_val  # beta 1: the model as is
+    assert a.info["beta"] == val_argmax(table) and a.info["val_acc"] >= zeroshot_val
+    assert accuracy_on(a.model, suite.val, ctx) == a.info["val_acc"]
+
+    assert execute(cfg) == "done"  # end to end: same choice, oracle test accuracies stored apart
+    path = run_folder(cfg).path
+    full = pd.read_csv(path / "beta_sweep.csv")
+    pd.testing.assert_series_equal(full["val_acc"], table["val_acc"])
+    m = pd.read_csv(path / "metrics.csv")
+    assert metric(m, "-", "chosen/beta") == a.info["beta"]
+    assert metric(m, "test", "acc") == pytest.approx(full.loc[full["chosen"], "test_acc"].item())
+
+
+def test_ct_robust_refuses_a_random_head(make_cfg):
+    cfg = make_cfg("method=ct_robust", GRID, "suite.head_init=random")
+    with pytest.raises(ValueError, match="already fits the task"):
+        execute(cfg)
