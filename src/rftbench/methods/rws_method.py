@@ -1,0 +1,315 @@
+"""`method=rws`: Robust Weight Signatures in the runner (methods.md section 3).
+
+1. Experts, all from the SAME start theta_init (the model the runner passes in) with the shared
+   fine-tuning recipe (configs/recipe/finetune.yaml), each cached with `cached_training` under a key
+   made of the recipe and the data only, so a later run trains nothing: theta_std on clean train
+   (epoch chosen on `val`) is `ft.cached_finetune`, the very model of method=ft and WiSE-FT;
+   theta_rob[c] for each seen corruption c is trained on train corrupted by c (suite severity, seed
+   `suite.meta["seen_seed"]`), epoch chosen on `ood_val/<c>` (`robust_key`).
+2. Signatures of the first `k` RWS layers (`rws.shallow_keys`), saved in `<run>/signatures/` full
+   precision and quantised to `levels`, with K, keys, layers, corruption and source hashes.
+3. Patch target theta_std. Per corruption, the coefficient is swept over `coeffs` and chosen on
+   `ood_val/<c>`; the composition gives every seen signature alpha / N, alpha swept over `alphas`
+   and chosen on the mean `ood_val` accuracy over the seen corruptions. Ties go to the coefficient of
+   smallest magnitude (the least change to theta_std): our choice. The composed model is the one the
+   runner evaluates.
+
+`bn` (recorded in the results):
+- `keep`: running statistics stay theta_std's; signatures include BatchNorm affine tensors.
+- `average`: signatures leave out every BatchNorm/downsample tensor (`rws.bn_keys`), which are
+  replaced by their mean over the robust models of the patched corruptions (the original ResNet-50
+  path). At coefficient 0 the model is therefore theta_std with averaged BatchNorms, not theta_std.
+- `recalibrate`: signatures as in `keep`; after patching, running statistics are re-estimated on the
+  corrupted TRAINING images of the patched corruptions (all seen ones for the composition).
+
+Seen corruptions are also measured on the ID test set (`ood_seen/<c>/<severity>`, shift
+`corruption`, the test corruptions' seed and class-balanced subset): these rows never enter the
+unseen-corruption mean, which the evaluator takes over `ood/corruption/...` splits only.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from rftbench.data import corruptions as C
+from rftbench.data.base import Split, Suite, batches
+from rftbench.data.digits import balanced_subset, corrupt_split
+from rftbench.evaluate import row, split_rows
+from rftbench.methods import ft, rws
+from rftbench.methods.base import Adapted, cached_training, state_of
+from rftbench.results import CHECKPOINTS
+from rftbench.train import RunContext, accuracy_on, count_params, predict
+
+log = logging.getLogger("rftbench")
+BN_MODES = ("keep", "average", "recalibrate")
+State = Mapping[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------ cache keys
+def robust_key(recipe: Mapping, corruption: str, severity: int, seed: int) -> dict:
+    """The `cached_training` key of theta_rob[corruption]: the recipe of `ft.cached_finetune` (whose
+    key is `{"finetune": recipe}`), the corrupted training data and the selection split."""
+    return {"finetune": dict(recipe), "data": {"corruption": corruption, "severity": severity, "seed": seed},
+            "select": f"ood_val/{corruption}"}
+
+
+# --------------------------------------------------------------------------------------- experts
+@dataclass
+class Experts:
+    """theta_init (a state), theta_std and theta_rob[c] (models), and how each was trained."""
+
+    init: dict[str, torch.Tensor]
+    clean: nn.Module
+    robust: dict[str, nn.Module]
+    table: pd.DataFrame
+
+
+def seen_setup(suite: Suite) -> tuple[list[str], int, int]:
+    """(seen corruption names, severity, seed) of a suite made for shift-aware methods."""
+    names = suite.meta.get("seen_corruptions")
+    if not names:
+        raise ValueError(
+            f"method=rws needs labelled corrupted data: suite {suite.name} declares no seen corruptions "
+            "(suite.meta['seen_corruptions'] with ood_val/<corruption> splits)")
+    missing = [f"ood_val/{c}" for c in names if f"ood_val/{c}" not in suite.splits]
+    if missing:
+        raise ValueError(f"suite {suite.name} lacks the corrupted validation splits {missing}")
+    if not suite.train.in_memory:
+        raise ValueError(f"method=rws corrupts the training set in memory; suite {suite.name} streams it")
+    return list(names), int(suite.meta["seen_severity"]), int(suite.meta["seen_seed"])
+
+
+def corrupted_train(suite: Suite, ctx: RunContext) -> dict[str, Split]:
+    """The training set under each seen corruption (cached on disk)."""
+    names, severity, seed = seen_setup(suite)
+    return {c: corrupt_split(suite.train, c, severity, seed, ctx.cache_dir) for c in names}
+
+
+def train_experts(model: nn.Module, suite: Suite, ctx: RunContext, recipe: Mapping,
+                  train_sets: Mapping[str, Split]) -> Experts:
+    """theta_std and every theta_rob[c], each fine-tuned from a copy of `model` (left unchanged)."""
+    _, severity, seed = seen_setup(suite)
+    init = state_of(model)
+    rows = []
+
+    def record(name: str, select: str, res: Adapted) -> nn.Module:
+        cached = "cached_train_time_s" in res.info
+        rows.append({"expert": name, "select": select, "best_epoch": res.info.get("best_epoch"),
+                     "select_acc": res.info.get("val_acc"), "cached": int(cached),
+                     "train_time_s": res.info.get("cached_train_time_s" if cached else "train_time_s")})
+        return res.model.eval()
+
+    clean = record("clean", "val", ft.cached_finetune(copy.deepcopy(model), suite, own(ctx, "clean"), **recipe))
+    robust = {}
+    for c, train in train_sets.items():
+        data = Suite(suite.name, suite.num_classes, {"train": train, "val": suite[f"ood_val/{c}"]},
+                     suite.upstream_classes, suite.meta)
+        sub = own(ctx, c)
+        res = cached_training(copy.deepcopy(model), sub, robust_key(recipe, c, severity, seed),
+                              lambda m: ft.finetune(m, data, sub, **recipe)[0])
+        robust[c] = record(c, f"ood_val/{c}", res)
+    return Experts(init, clean, robust, pd.DataFrame(rows))
+
+
+def own(ctx: RunContext, expert: str) -> RunContext:
+    """`ctx` with the expert's own folder for `fit`'s resume checkpoints (inside the run's, so they
+    are cleared with it). `fit` names a checkpoint by its call count and starting weights, which
+    every expert shares: with one folder, a resumed attempt whose first experts are already cached
+    would continue another expert's training."""
+    if ctx.run_dir is None:
+        return ctx
+    return replace(ctx, run_dir=Path(ctx.run_dir) / CHECKPOINTS / f"rws-{expert}")
+
+
+def seen_test_splits(suite: Suite, ctx: RunContext, n: int | None, seed: int) -> dict[str, Split]:
+    """The ID test set (class-balanced subset of about `n`, all if None) under each seen corruption at
+    the seen severity, corrupted with the test corruptions' `seed`: `ood_seen/<c>/<severity>`."""
+    names, severity, _ = seen_setup(suite)
+    test = suite["test"]
+    if not test.in_memory:
+        raise ValueError(f"method=rws corrupts the test set in memory; suite {suite.name} streams it")
+    idx = torch.arange(len(test)) if n is None else balanced_subset(test.y, n, seed)
+    sets = C.corrupted_set(test.x[idx], names, [severity], seed, ctx.cache_dir)
+    return {c: Split(f"ood_seen/{c}/{severity}", "ood", "corruption", x=sets[(c, severity)], y=test.y[idx],
+                     corruption=c, severity=severity) for c in names}
+
+
+# -------------------------------------------------------------------------------------- patching
+@dataclass
+class Patcher:
+    """Loads `target + sum_c coeffs[c] * signatures[c]` into a model, with the `bn` mode applied."""
+
+    target: dict[str, torch.Tensor]
+    bn: str
+    robust: Mapping[str, State]            # robust states, for bn=average
+    bn_data: Mapping[str, Split]           # corrupted training images, for bn=recalibrate
+    bn_keys: Sequence[str]
+    batch_size: int
+    ctx: RunContext
+
+    def load(self, model: nn.Module, signatures: Mapping[str, rws.Signature],
+             coeffs: Mapping[str, float]) -> nn.Module:
+        state = rws.patch(self.target, signatures, coeffs)
+        if self.bn == "average":
+            state.update(rws.average_bn([self.robust[c] for c in coeffs], self.bn_keys))
+        model.load_state_dict(state)
+        if self.bn == "recalibrate":
+            parts = [self.bn_data[c] for c in coeffs]
+            data = Split("rws/bn", "train", "corruption", x=torch.cat([p.x for p in parts]),
+                         y=torch.cat([p.y for p in parts]))
+            rws.recalibrate_bn(model, batches(data, self.batch_size, shuffle=True, seed=self.ctx.seed,
+                                              device=self.ctx.device))
+        return model.eval()
+
+
+def choose(values: Sequence[float], scores: Sequence[float]) -> float:
+    """The value with the best score; ties -> the smallest magnitude (closest to the target)."""
+    best = max(scores)
+    return min((v for v, s in zip(values, scores) if s == best), key=lambda v: (abs(v), v))
+
+
+def signature_keys(model: nn.Module, k: int, bn: str) -> list[str]:
+    """Keys a signature covers: the first `k` RWS layers, minus BatchNorm/downsample under `average`."""
+    keys = rws.shallow_keys(model, k)
+    if bn == "average":
+        skip = set(rws.bn_keys(model))
+        keys = [key for key in keys if key not in skip]
+    return keys
+
+
+def layer_names(model: nn.Module, k: int) -> list[str]:
+    """A name for each of the first `k` RWS layers: the common module prefix of its keys."""
+    return [os.path.commonprefix(names).rsplit(".", 1)[0] for names in rws.signature_layers(model)[:k]]
+
+
+# ------------------------------------------------------------------------------------------ adapt
+def adapt(model: nn.Module, suite: Suite, ctx: RunContext, *, recipe: dict, coeffs: Sequence[float],
+          alphas: Sequence[float], k: int = 3, levels: int = 16, bn: str = "keep",
+          recalibrate_batch_size: int = 128, seen_test: dict | None = None) -> Adapted:
+    """RWS patch of the clean fine-tuned model with every seen signature (see the module docstring).
+
+    `recipe`: keywords of `ft.finetune` (configs/recipe/finetune.yaml, as method=ft); `seen_test`:
+    {n, seed} of the seen-corruption test splits (the test corruptions' subset size and seed).
+    """
+    if bn not in BN_MODES:
+        raise ValueError(f"bn={bn!r} not valid; choose one of {BN_MODES}")
+    if not coeffs or not alphas:
+        raise ValueError("coeffs and alphas must each hold at least one value")
+    rws.code_bits(levels)
+    if ctx.run_dir is None:
+        raise ValueError("method=rws stores its signatures in ctx.run_dir, which is not set")
+    names, severity, seed = seen_setup(suite)
+    keys = signature_keys(model, k, bn)
+    seen_test = {"n": None, "seed": 0, **(seen_test or {})}
+    tests = seen_test_splits(suite, ctx, seen_test["n"], seen_test["seed"])
+    vals = {c: suite[f"ood_val/{c}"] for c in names}
+    train_sets = corrupted_train(suite, ctx)
+
+    experts = train_experts(model, suite, ctx, recipe, train_sets)
+    clean_state = state_of(experts.clean)
+    robust_states = {c: state_of(m) for c, m in experts.robust.items()}
+    signatures = {c: rws.extract_signature(experts.init, clean_state, robust_states[c], keys) for c in names}
+    sources = {"init": rws.state_digest(experts.init), "clean": rws.state_digest(clean_state)}
+    files = save_signatures(ctx, signatures, levels, {
+        "k": k, "layers": layer_names(model, k), "bn": bn, "severity": severity, "seed": seed,
+        "source_init": sources["init"], "source_clean": sources["clean"]},
+        {c: rws.state_digest(s) for c, s in robust_states.items()})
+
+    patcher = Patcher(clean_state, bn, robust_states, train_sets, rws.bn_keys(model),
+                      recalibrate_batch_size, ctx)
+    work = copy.deepcopy(experts.clean)
+
+    # per-corruption coefficient, chosen on ood_val/<c>
+    sweep, chosen = [], {}
+    for c in names:
+        curve = []
+        for coeff in coeffs:
+            patcher.load(work, {c: signatures[c]}, {c: coeff})
+            curve.append({"corruption": c, "severity": severity, "coeff": float(coeff),
+                          "val_acc": accuracy_on(work, vals[c], ctx),
+                          "test_acc": accuracy_on(work, tests[c], ctx), "test_selection": "oracle"})
+        chosen[c] = choose([r["coeff"] for r in curve], [r["val_acc"] for r in curve])
+        for r in curve:
+            r["chosen"] = r["coeff"] == chosen[c]
+        sweep += curve
+        log.info("rws %s: coefficient %g chosen on ood_val/%s", c, chosen[c], c)
+
+    # composition: beta_c = alpha / N, alpha chosen on the mean ood_val accuracy
+    compose = []
+    for alpha in alphas:
+        patcher.load(work, signatures, rws.compose_coeffs(names, alpha))
+        r = {"alpha": float(alpha), **{f"val_acc/{c}": accuracy_on(work, vals[c], ctx) for c in names}}
+        r["val_acc"] = sum(r[f"val_acc/{c}"] for c in names) / len(names)
+        r["id_val_acc"] = accuracy_on(work, suite.val, ctx)
+        r["test_acc"] = sum(accuracy_on(work, tests[c], ctx) for c in names) / len(names)
+        r["test_selection"] = "oracle"
+        compose.append(r)
+    alpha = choose([r["alpha"] for r in compose], [r["val_acc"] for r in compose])
+    for r in compose:
+        r["chosen"] = r["alpha"] == alpha
+    log.info("rws composition of %d signatures: alpha %g chosen on the mean ood_val accuracy", len(names), alpha)
+
+    rows = []
+    for c in names:  # each signature alone at its chosen coefficient
+        patcher.load(work, {c: signatures[c]}, {c: chosen[c]})
+        rows.append(_acc_row(work, tests[c], "acc_single", ctx))
+    quantised = {c: rws.load_signature(files[c]["quantised"])[0] for c in names}
+    patcher.load(work, quantised, rws.compose_coeffs(names, alpha))
+    rows += [_acc_row(work, tests[c], "acc_quant", ctx) for c in names]
+    rows.append(_acc_row(work, suite["test"], "acc_quant", ctx))
+    final = patcher.load(copy.deepcopy(experts.clean), signatures, rws.compose_coeffs(names, alpha))
+    for c in names:
+        rows += split_rows(tests[c], predict(final, tests[c], ctx))
+    for metric in ("acc", "acc_single", "acc_quant"):
+        seen = [r["value"] for r in rows if r["metric"] == metric and r["split"].startswith("ood_seen/")]
+        rows.append(row("ood_seen", f"{metric}_mean", sum(seen) / len(seen), shift="corruption"))
+
+    info = {"k": k, "bn": bn, "levels": levels, "alpha": alpha, "n_seen": len(names),
+            "seen_severity": severity, "selection": "ood_val",
+            **{f"coeff/{c}": v for c, v in chosen.items()},
+            **storage_info(signatures, levels, clean_state, files)}
+    t = experts.table  # reused experts count with the time they took when trained (run.py adds it)
+    info["cached_train_time_s"] = float(t.loc[t["cached"] == 1, "train_time_s"].sum())
+    return Adapted(final, trainable_params=count_params(model), info=info, rows=rows,
+                   tables={"rws_sweep": pd.DataFrame(sweep), "rws_compose": pd.DataFrame(compose),
+                           "rws_experts": experts.table})
+
+
+def _acc_row(model: nn.Module, split: Split, metric: str, ctx: RunContext) -> dict:
+    return row(split.name, metric, accuracy_on(model, split, ctx), shift=split.shift,
+               corruption=split.corruption, severity=split.severity)
+
+
+# --------------------------------------------------------------------------------------- storage
+def save_signatures(ctx: RunContext, signatures: Mapping[str, rws.Signature], levels: int, meta: dict,
+                    robust_sources: Mapping[str, str]) -> dict[str, dict[str, os.PathLike]]:
+    """`<run>/signatures/<c>.safetensors` (full precision) and `<c>.q<levels>.safetensors` per corruption."""
+    out = {}
+    folder = ctx.run_dir / "signatures"
+    for c, signature in signatures.items():
+        m = {**meta, "corruption": c, "source_robust": robust_sources[c]}
+        out[c] = {"full": rws.save_signature(folder / f"{c}.safetensors", signature, m),
+                  "quantised": rws.save_signature(folder / f"{c}.q{levels}.safetensors", signature, m, levels)}
+    return out
+
+
+def storage_info(signatures: Mapping[str, rws.Signature], levels: int, model_state: State,
+                 files: Mapping[str, Mapping[str, os.PathLike]]) -> dict:
+    """Bytes of one signature (full precision, quantised) vs one full fp32 model copy, and the files."""
+    one = next(iter(signatures.values()))
+    full, quant = rws.signature_nbytes(one), rws.signature_nbytes(one, levels)
+    model = rws.full_copy_nbytes(model_state)
+    return {"signed_params": sum(t.numel() for t in one.values()),
+            "storage/signature_bytes": full, "storage/signature_q_bytes": quant,
+            "storage/model_bytes": model, "storage/ratio_full": model / full,
+            "storage/ratio_q": model / quant,
+            "storage/files_bytes": sum(os.path.getsize(f["full"]) for f in files.values()),
+            "storage/files_q_bytes": sum(os.path.getsize(f["quantised"]) for f in files.values())}
