@@ -21,7 +21,7 @@ from rftbench.methods.rws_method import Patcher, choose, robust_key, signature_k
 from rftbench.run import build_model, build_suite, execute, run_folder, start_spec
 from rftbench.train import RunContext, accuracy_on, predict
 
-FAST = ("method=rws", "budget.epochs=1", "method.adapt.coeffs=[0.0,1.0]", "method.adapt.alphas=[0.0,2.0]")
+FAST = ("method=rws", "method.adapt.bn=keep", "budget.epochs=1", "method.adapt.coeffs=[0.0,1.0]", "method.adapt.alphas=[0.0,2.0]")
 
 
 def test_rws_trains_with_the_recipe_of_method_ft(make_cfg):
@@ -98,7 +98,7 @@ def test_rws_run_end_to_end(make_cfg, monkeypatch):
         raise AssertionError("training was called although every expert is cached")
 
     monkeypatch.setattr("rftbench.methods.ft.fit", no_training)
-    cfg0 = make_cfg(*FAST[:2], "method.adapt.coeffs=[0.0]", "method.adapt.alphas=[0.0]")
+    cfg0 = make_cfg(*FAST[:3], "method.adapt.coeffs=[0.0]", "method.adapt.alphas=[0.0]")
     assert execute(cfg0) == "done"
     path0 = run_folder(cfg0).path
     experts0 = pd.read_csv(path0 / "rws_experts.csv")

@@ -148,10 +148,13 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     ckpt = None
     if ctx.run_dir is not None:
         from rftbench.results import CHECKPOINTS
-        from rftbench.utils import atomic_path, tensor_digest
+        from rftbench.utils import atomic_path, stable_hash, tensor_digest
 
         n_fit = vars(ctx)["_fit_calls"] = vars(ctx).get("_fit_calls", 0) + 1
-        ckpt = Path(ctx.run_dir) / CHECKPOINTS / f"fit{n_fit}-{tensor_digest(*model.state_dict().values())}.pt"
+        # keyed by call order, starting weights and data: fits from the same start on other data
+        # (e.g. RWS experts) never resume each other's checkpoint
+        data = stable_hash([train.name, len(train), val.name, len(val)], length=8)
+        ckpt = Path(ctx.run_dir) / CHECKPOINTS / f"fit{n_fit}-{tensor_digest(*model.state_dict().values())}-{data}.pt"
         saved = None
         if ckpt.exists():
             try:
