@@ -2,9 +2,10 @@
 on the cached features) against its floor, the feature passes alone (one pass over train + val
 through the CT backbone per beta), on the digits suite (default config unless overridden).
 
-Repetitions alternate the two (and their order) so that load changes on a shared machine hit both
-alike; the figures are medians over repetitions. The oracle test pass (analysis only) is timed
-apart: it is not part of the selection.
+The two alternate (and swap order) so that load changes on a shared machine hit both alike: per
+beta (`--interleave beta`, default: the sweep's step for one beta, then that beta's passes; a
+repetition sums them over the grid) or per whole grid (`--interleave grid`). The figures are medians
+over repetitions. The oracle test pass (analysis only) is timed apart: it is not part of the selection.
 
     .venv/bin/python scripts/bench_ct_sweep.py --threads 1 --reps 7 [hydra overrides...]
 """
@@ -31,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (on a loaded 2-core machine 2 threads make timings bimodal)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions of each measurement")
+    ap.add_argument("--interleave", choices=["beta", "grid"], default="beta",
+                    help="alternate the two measurements per beta or per whole grid")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides (default: method=ct on digits)")
     return ap.parse_args()
 
@@ -54,11 +57,11 @@ def main() -> None:
     probe_cfg = dict(cfg.method.probe)
     ct_model = apply_ct(model, grid[0], cfg.method.adapt.coeff, example_input=example_input(suite.train, ctx))
 
-    def sweep() -> None:
-        probe_sweep(ct_model, suite, ctx, grid, model.head, probe_cfg)
+    def sweep(betas: list[float]) -> None:
+        probe_sweep(ct_model, suite, ctx, betas, model.head, probe_cfg)
 
-    def passes() -> None:
-        for beta in grid:
+    def passes(betas: list[float]) -> None:
+        for beta in betas:
             set_beta(ct_model, beta)
             extract_features(ct_model, suite.train, ctx)
             extract_features(ct_model, suite.val, ctx)
@@ -77,17 +80,22 @@ def main() -> None:
             accuracy_on(ct_model, suite["test"], ctx)
 
     runs = {"sweep": sweep, "passes": passes}
-    passes()  # warm-up
+    passes(grid)  # warm-up
+    chunks = [[beta] for beta in grid] if args.interleave == "beta" else [grid]
     times: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(args.reps):
-        for name in (list(runs) if rep % 2 == 0 else list(reversed(runs))):
-            times[name].append(timed(runs[name]))
+        total = dict.fromkeys(runs, 0.0)
+        for i, chunk in enumerate(chunks):
+            for name in (list(runs) if (rep + i) % 2 == 0 else list(reversed(runs))):
+                total[name] += timed(lambda: runs[name](chunk))
+        for name in runs:
+            times[name].append(total[name])
     probe_times = [timed(one_probe) for _ in range(args.reps)]
     oracle_time = timed(oracle_test)
 
     sweep_s, passes_s = statistics.median(times["sweep"]), statistics.median(times["passes"])
     ratios = [s / p for s, p in zip(times["sweep"], times["passes"])]
-    print(f"device {ctx.device}, threads {args.threads}, {args.reps} interleaved repetitions, "
+    print(f"device {ctx.device}, threads {args.threads}, {args.reps} repetitions interleaved per {args.interleave}, "
           f"{len(grid)} betas ({grid[0]}..{grid[-1]}), train {len(suite.train)} + val {len(suite.val)} images, "
           f"{ct_model.ct_sites} CT sites")
     print(f"sweep (features + probe per beta): median {sweep_s:.2f} s  (all: {', '.join(f'{t:.2f}' for t in times['sweep'])})")
