@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from rftbench.run import CONFIG_DIR
@@ -37,3 +38,13 @@ def make_cfg(tmp_path, cache_dir):
             return compose("config", overrides=[*base, *overrides])
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of tiny tensors: two threads spin-wait on a shared 2-core
+    machine and run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

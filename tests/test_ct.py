@@ -29,13 +29,7 @@ from rftbench.methods.ct import (
 EPS = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Intra-op threads spin-wait on a loaded 2-core machine: one thread is ~40x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def ctu_reference(x: float, beta: float, c: float) -> float:

@@ -24,13 +24,7 @@ GRID = "method.betas.values=[0.8,0.9,0.95]"
 SWEEP_COLUMNS = ["beta", "val_acc", "test_acc"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Intra-op threads spin-wait on a loaded 2-core machine: one thread is much faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Stop(Exception):

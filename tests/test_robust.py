@@ -29,13 +29,7 @@ from rftbench.robust import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads thrash on a shared 2-core machine; one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
