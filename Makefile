@@ -1,24 +1,44 @@
-# make bench : set up the environment (once) and run the embedded digits benchmark
-# make test  : set up the environment (once) and run the test suite
+# make bench     : set up the environment (once) and run the embedded digits benchmark into results/
+# make test      : set up the environment (once) and run the test suite
+# make reproduce : rerun the committed benchmark from an empty cache and compare with results/
+# make lock      : re-resolve the dependencies of pyproject.toml and rewrite requirements.lock
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rftbench-installed
+LOCK := requirements.lock
 RUNS ?= runs
+# RobustBench 1.1.1 pins timm==1.0.9 and gdown==5.1.0, so it is installed without its dependencies
+# (they are listed in pyproject.toml); its two extra modules come the same way.
+NODEPS := robustbench==1.1.1 torchdiffeq==0.2.5 geotorch==0.4.0
 
-.PHONY: bench test test-all leaderboard setup clean-runs
+.PHONY: bench test test-all leaderboard reproduce lock setup clean-runs
 
 setup: $(STAMP)
 
-# Re-installs only when pyproject.toml changes. RobustBench 1.1.1 pins timm==1.0.9 and
-# gdown==5.1.0, so it is installed without its dependencies (they are listed in pyproject.toml).
-$(STAMP): pyproject.toml
+# Every package comes at the exact version of requirements.lock (pip constraints); re-installs only
+# when pyproject.toml or the lock changes.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps robustbench==1.1.1 torchdiffeq==0.2.5 geotorch==0.4.0
+	$(PY) -m pip install --quiet -c $(LOCK) pip
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]'
+	$(PY) -m pip install --quiet -c $(LOCK) --no-deps $(NODEPS)
 	@touch $@
+
+# A fresh venv with pyproject.toml's ranges resolved to today's releases, frozen (all packages,
+# pip and setuptools included) into requirements.lock.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	.lock-venv/bin/python -m pip install --quiet --no-deps $(NODEPS)
+	{ echo "# rftbench's locked environment: written by 'make lock', read by 'make' as pip constraints."; \
+	  echo "# Python $$(.lock-venv/bin/python -c 'import platform; print(platform.python_version(), platform.machine())')"; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v '^#'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -26,12 +46,17 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
+# the committed benchmark: runs into $(RUNS), tables and plots into results/
 bench: $(STAMP)
 	$(PY) -m rftbench.run -m experiment=bench paths.runs=$(RUNS)
 	$(PY) -m rftbench.leaderboard --runs $(RUNS) --out results
 
+# a leaderboard of your own runs, written beside them (the committed results/ are left alone)
 leaderboard: $(STAMP)
-	$(PY) -m rftbench.leaderboard --runs $(RUNS) --out results
+	$(PY) -m rftbench.leaderboard --runs $(RUNS) --out $(RUNS)/leaderboard
+
+reproduce: $(STAMP)
+	$(PY) -m rftbench.reproduce
 
 clean-runs:
 	rm -rf $(RUNS)
