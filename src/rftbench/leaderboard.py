@@ -14,6 +14,7 @@ trial seeds and their number, written as CSV (the contract), Markdown and LaTeX,
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ SHOWN = [*list(HEADLINE)[:6], "effective_robustness", *list(HEADLINE)[6:]]
 BASELINES = ("zeroshot", "lp", "ft")
 SELECT_BY = "chosen/val_acc"
 # config keys that are not hyper-parameters of a variant (rftbench.run.COSMETIC plus the trial seed)
-NOT_VARIANT = ("paths", "device", "num_workers", "tracking", "launcher", "seed")
+NOT_VARIANT = ("paths", "device", "num_workers", "threads", "tracking", "launcher", "seed")
 
 
 def run_variants(runs_root: str | Path) -> dict[str, str]:
@@ -70,6 +71,33 @@ def run_variants(runs_root: str | Path) -> dict[str, str]:
             (cfg.get("eval") or {}).pop("batch_size", None)
             out[folder.name] = stable_hash(cfg, length=8)
     return out
+
+
+def provenance(runs_root: str | Path) -> dict[str, dict[str, str]]:
+    """run_id -> {"lock": hash of requirements.lock, "commit": rftbench commit (+"-dirty")}, read off
+    each finished run's env.json: which environment and code produced it."""
+    out = {}
+    for folder in run_folders(runs_root):
+        try:
+            env = json.loads((folder / "env.json").read_text())
+        except (OSError, ValueError):
+            continue
+        git = env.get("git") or {}
+        commit = (git.get("commit") or "unknown")[:12] + ("-dirty" if git.get("dirty") else "")
+        out[folder.name] = {"lock": env.get("lock") or "unknown", "commit": commit}
+    return out
+
+
+def add_provenance(board: pd.DataFrame, runs: pd.DataFrame, prov: dict[str, dict[str, str]]) -> pd.DataFrame:
+    """`lock` and `commit` columns: the distinct values over each row's runs (';'-joined)."""
+    board = board.copy()
+    for col in ("lock", "commit"):
+        values = []
+        for _, r in board.iterrows():
+            ids = runs[(runs[KEYS] == r[KEYS]).all(axis=1) & (runs["variant"] == r["variant"])]["run_id"]
+            values.append(";".join(sorted({prov.get(i, {}).get(col, "unknown") for i in ids})) or "unknown")
+        board[col] = values
+    return board
 
 
 def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd.DataFrame:
@@ -183,7 +211,8 @@ def build_all(runs_root: str | Path, baselines=BASELINES) -> Leaderboard:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
     runs, fits, er_fits = add_effective_robustness(runs, baselines)
     variants = aggregate(runs)
-    return Leaderboard(flag_noise(select_variants(variants)), variants, runs, fits, er_fits)
+    board = add_provenance(flag_noise(select_variants(variants)), runs, provenance(runs_root))
+    return Leaderboard(board, variants, runs, fits, er_fits)
 
 
 def build(runs_root: str | Path, baselines=BASELINES) -> pd.DataFrame:
@@ -234,6 +263,16 @@ NOTE = ("Mean ± standard error over n_seeds trial seeds; bold: the best of its 
         "within the standard error of the difference from it.")
 
 
+def provenance_note(board: pd.DataFrame) -> str:
+    """Which locked environment and rftbench commit produced the table's runs."""
+    parts = []
+    for col, what in (("lock", "locked environment (requirements.lock sha256)"), ("commit", "rftbench commit")):
+        if col in board:
+            values = sorted({v for cell in board[col].astype(str) for v in cell.split(";")})
+            parts.append(f"{what} {', '.join(values)}")
+    return ("Produced by " + "; ".join(parts) + ".") if parts else ""
+
+
 def write(board: pd.DataFrame, out_dir: str | Path, lb: Leaderboard | None = None) -> list[Path]:
     """leaderboard.csv/.md/.tex, plus (from a full `Leaderboard`) the variants and the effective
     robustness fits."""
@@ -241,9 +280,10 @@ def write(board: pd.DataFrame, out_dir: str | Path, lb: Leaderboard | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "leaderboard.csv", out_dir / "leaderboard.md", out_dir / "leaderboard.tex"]
     write_text_atomic(paths[0], board.to_csv(index=False, float_format="%.6g"))
-    write_text_atomic(paths[1], display_table(board).to_markdown(index=False) + "\n\n" + NOTE + "\n")
+    notes = [n for n in (NOTE, provenance_note(board)) if n]
+    write_text_atomic(paths[1], display_table(board).to_markdown(index=False) + "\n\n" + "\n\n".join(notes) + "\n")
     write_text_atomic(paths[2], display_table(board, "tex").to_latex(index=False, escape=False)
-                      + "% " + NOTE + "\n")
+                      + "".join(f"% {n}\n" for n in notes))
     if lb is not None:
         paths += [out_dir / "leaderboard_variants.csv", out_dir / "effective_robustness.csv"]
         write_text_atomic(paths[3], lb.variants.to_csv(index=False, float_format="%.6g"))

@@ -8,6 +8,7 @@ compute the same run at once; `checkpoints/` holds training state a resumed atte
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -227,16 +228,26 @@ class RunFolder:
         self.lock.release()
 
 
-def environment(device: str) -> dict:
-    """Package versions, device, Python, host and git state, for env.json."""
+def lock_hash() -> str | None:
+    """sha256 (16 hex digits) of the repository's requirements.lock: which locked environment ran."""
+    path = Path(__file__).resolve().parents[2] / "requirements.lock"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def environment(device: str, threads: int | None = None) -> dict:
+    """Package versions, lock hash, device, threads, Python, host and git state, for env.json."""
     versions = {}
     for pkg in PACKAGES:
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"packages": versions, "python": sys.version.split()[0], "platform": platform.platform(),
-            "host": platform.node(), "device": device, "git": git_state(),
+    return {"packages": versions, "lock": lock_hash(), "python": sys.version.split()[0],
+            "platform": platform.platform(), "host": platform.node(), "device": device,
+            "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "git": git_state(),
             "time": datetime.now(timezone.utc).isoformat()}
 
 

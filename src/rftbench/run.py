@@ -24,12 +24,12 @@ from rftbench.evaluate import evaluate, row
 from rftbench.methods.base import Adapted
 from rftbench.results import RunFolder, environment
 from rftbench.train import RunContext, count_params
-from rftbench.utils import resolve_device, seed_everything, stable_hash
+from rftbench.utils import apply_threads, resolve_device, seed_everything, stable_hash
 
 log = logging.getLogger("rftbench")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Keys that do not change the work a run does: left out of the run id.
-COSMETIC = ("paths", "device", "num_workers", "tracking", "launcher")
+COSMETIC = ("paths", "device", "num_workers", "threads", "tracking", "launcher")
 HEAD_INITS = ("auto", "zeroshot", "random")
 
 
@@ -119,6 +119,7 @@ def execute(cfg: DictConfig) -> str:
     folder.start()
     folder.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:
+        threads = apply_threads(cfg.get("threads"), (cfg.get("launcher") or {}).get("parallel_jobs", 1))
         device = resolve_device(cfg.device)
         ctx = RunContext(device=device, seed=cfg.seed, cache_dir=Path(cfg.paths.cache),
                          run_dir=folder.path, eval_batch_size=cfg.eval.batch_size,
@@ -154,7 +155,7 @@ def execute(cfg: DictConfig) -> str:
                                         "trainable_params": adapted.trainable_params,
                                         "total_params": n_params, "adapt_time_s": adapt_time})
         folder.write_metrics(rows, cfg.seed)
-        folder.write_json("env.json", environment(str(device)))
+        folder.write_json("env.json", environment(str(device), threads))
         tracking.log_run(cfg, folder)
         folder.finish()
     except Exception as exc:

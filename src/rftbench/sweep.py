@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from rftbench.results import RunBusy
-from rftbench.utils import stable_hash, write_text_atomic
+from rftbench.utils import available_cores, stable_hash, write_text_atomic
 
 log = logging.getLogger("rftbench")
 DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
@@ -45,7 +45,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rftbench.gpu_count"):
         OmegaConf.register_new_resolver("rftbench.gpu_count", gpu_count)
     if not OmegaConf.has_resolver("rftbench.parallel_jobs"):
-        OmegaConf.register_new_resolver("rftbench.parallel_jobs", lambda: gpu_count() or os.cpu_count() or 1)
+        OmegaConf.register_new_resolver("rftbench.parallel_jobs", lambda: gpu_count() or available_cores())
 
 
 def draw(dist: str, args: list, rng: np.random.Generator) -> Any:

@@ -20,6 +20,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: what SLURM or taskset granted)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def apply_threads(threads: int | None, parallel_jobs: int = 1) -> int:
+    """Set every CPU thread pool a run uses to `threads` (None: the available cores divided among
+    `parallel_jobs` jobs sharing the machine) and return the number: PyTorch's intra-op pool, its
+    inter-op pool (settable once per process), the BLAS/OpenMP pools of NumPy/SciPy (threadpoolctl),
+    OpenCV's, and OMP_NUM_THREADS for child processes (DataLoader workers)."""
+    if threads is None:
+        threads = max(1, available_cores() // max(1, int(parallel_jobs)))
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer or null (all available cores), got {threads!r}")
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already set, or inter-op work already started in this process
+        pass
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except ImportError:
+        pass
+    return threads
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA when present, else CPU."""
     if name == "auto":
