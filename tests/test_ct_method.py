@@ -9,9 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
+from torch import nn
 
 import rftbench.run as runner
+from rftbench.backbones import Classifier, Normalize
+from rftbench.data.base import Split, Suite
 from rftbench.methods import ct_method
 from rftbench.methods.base import state_of
 from rftbench.methods.ct import CTU, TrainableCTU
@@ -184,8 +188,14 @@ def test_ct_trainable_lr_schedule_maps_the_paper_to_the_budget(make_cfg, monkeyp
     assert all(p.requires_grad for g in groups for p in g["params"])
 
 
-def test_ct_robust_chooses_beta_on_val_without_test_data(make_cfg):
-    cfg = make_cfg("method=ct_robust", GRID)
+def objective_argmax(table: pd.DataFrame) -> float:
+    """The beta with the best val objective, ties -> larger beta (computed independently)."""
+    best = table["val_objective"].max()
+    return table.loc[table["val_objective"] == best, "beta"].max()
+
+
+def test_ct_robust_select_clean_is_the_old_rule_without_test_data(make_cfg):
+    cfg = make_cfg("method=ct_robust", GRID, "method.select=clean")
     suite, model, ctx = suite_and_model(cfg)
     zeroshot_val = accuracy_on(model, suite.val, ctx)
     blind = replace(suite, splits={k: suite.splits[k] for k in ("train", "val")})
@@ -194,15 +204,129 @@ def test_ct_robust_chooses_beta_on_val_without_test_data(make_cfg):
     assert table["beta"].tolist() == [0.8, 0.9, 0.95, 1.0] and a.trainable_params == 0
     assert table.loc[table["beta"] == 1.0, "val_acc"].item() == zeroshot_val  # beta 1: the model as is
     assert a.info["beta"] == val_argmax(table) and a.info["val_acc"] >= zeroshot_val
-    assert accuracy_on(a.model, suite.val, ctx) == a.info["val_acc"]
+    assert a.info["select_objective"] == a.info["val_acc"] == accuracy_on(a.model, suite.val, ctx)
+    assert (table["val_objective"] == table["val_acc"]).all() and table["test_acc"].isna().all()
 
-    assert execute(cfg) == "done"  # end to end: same choice, oracle test accuracies stored apart
+
+def test_ct_robust_runs_end_to_end_with_the_robust_choice_in_info_and_leaderboard(make_cfg, tmp_path):
+    from rftbench import leaderboard
+
+    cfg = make_cfg("method=ct_robust", GRID, "method.val_attack.n=40")
+    assert cfg.method.select == "robust"  # the default
+    assert cfg.method.adapt.val_attack.threats == cfg.eval.adversarial.threats
+    suite, model, ctx = suite_and_model(cfg)
+    blind = replace(suite, splits={k: suite.splits[k] for k in ("train", "val")})
+    a = instantiate(cfg.method.adapt)(model=model, suite=blind, ctx=ctx, oracle_test=False)
+    table = a.tables["beta_sweep"]
+    assert a.info["beta"] == objective_argmax(table) and a.info["select_n"] == 40
+    assert table["val_objective"].tolist() == table["val_robust_acc/Linf/0.0313725"].tolist()
+
+    assert execute(cfg) == "done"  # end to end: the same choice (common random numbers), oracle apart
     path = run_folder(cfg).path
     full = pd.read_csv(path / "beta_sweep.csv")
-    pd.testing.assert_series_equal(full["val_acc"], table["val_acc"])
+    pd.testing.assert_series_equal(full["val_objective"], table["val_objective"])
+    assert full["test_objective"].between(0, 1).all() and full["test_acc"].between(0, 1).all()
+    info = json.loads((path / "info.json").read_text())
+    chosen = info["info"]
+    assert chosen["beta"] == a.info["beta"] and chosen["select"] == "robust"
+    assert chosen["select_objective"] == full.loc[full["chosen"], "val_objective"].item()
+    assert 0 < chosen["select_time_s"] <= info["adapt_time_s"]
     m = pd.read_csv(path / "metrics.csv")
-    assert metric(m, "-", "chosen/beta") == a.info["beta"]
+    assert metric(m, "-", "chosen/beta") == chosen["beta"]
+    assert metric(m, "-", "chosen/select_objective") == pytest.approx(chosen["select_objective"])
+    assert metric(m, "-", "select_objective", "oracle") == pytest.approx(full["test_objective"].max())
     assert metric(m, "test", "acc") == pytest.approx(full.loc[full["chosen"], "test_acc"].item())
+
+    variants = leaderboard.build_all(cfg.paths.runs).variants
+    row = variants[variants["method"] == "ct_robust"].iloc[0]
+    assert row["chosen/beta"] == chosen["beta"]
+    assert row["chosen/select_objective"] == pytest.approx(chosen["select_objective"])
+    assert row["chosen/select_time_s"] == pytest.approx(chosen["select_time_s"])
+
+
+def test_ct_robust_select_corruption_uses_the_ood_val_splits(make_cfg):
+    cfg = make_cfg("method=ct_robust", GRID, "method.select=corruption")
+    suite, model, ctx = suite_and_model(cfg)
+    blind = replace(suite, splits={k: v for k, v in suite.splits.items() if v.role in ("train", "val", "ood_val")})
+    a = instantiate(cfg.method.adapt)(model=model, suite=blind, ctx=ctx, oracle_test=False)
+    table = a.tables["beta_sweep"]
+    ood_val = suite.by_role("ood_val")
+    assert len(ood_val) == 2 and a.info["beta"] == objective_argmax(table)
+    expected = sum(accuracy_on(a.model, s, ctx) for s in ood_val) / len(ood_val)
+    assert a.info["select_objective"] == pytest.approx(expected)
+    no_ood_val = replace(suite, splits={k: suite.splits[k] for k in ("train", "val")})
+    with pytest.raises(ValueError, match="ood_val"):
+        instantiate(cfg.method.adapt)(model=model, suite=no_ood_val, ctx=ctx, oracle_test=False)
+    with pytest.raises(ValueError, match="method.select='best'"):
+        instantiate(cfg.method.adapt)(model=model, suite=suite, ctx=ctx, select="best")
+
+
+# --------------------------------------------------------------------------- adversarially trained ReLU net
+
+EPS = 0.15  # Linf, pixels in [0, 1]
+SMALL_GRID = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95]
+
+
+def digits_suite() -> Suite:
+    """scikit-learn's 8x8 digits in [0, 1]: 1000 train, 400 val, 397 test (fixed split)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div(16).unsqueeze(1)
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    parts = {"train": perm[:1000], "val": perm[1000:1400], "test": perm[1400:]}
+    return Suite("digits8", 10, {k: Split(k, k, x=x[i], y=y[i]) for k, i in parts.items()})
+
+
+def adversarially_trained_mlp(train: Split, eps: float = EPS, epochs: int = 40, seed: int = 0) -> Classifier:
+    """A 64-128-128-10 ReLU MLP trained with PGD (3 steps, random start) at Linf `eps`."""
+    torch.manual_seed(seed)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
+    model = Classifier(body, nn.Linear(128, 10), Normalize([0.0], [1.0]))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        order = torch.randperm(len(train))
+        for i in range(0, len(train), 50):
+            xb, yb = train.x[order[i:i + 50]], train.y[order[i:i + 50]]
+            delta = (torch.rand_like(xb) * 2 - 1) * eps
+            for _ in range(3):
+                delta.requires_grad_(True)
+                grad, = torch.autograd.grad(F.cross_entropy(model((xb + delta).clamp(0, 1)), yb), delta)
+                delta = (delta.detach() + eps / 2 * grad.sign()).clamp(-eps, eps)
+            opt.zero_grad()
+            F.cross_entropy(model((xb + delta).clamp(0, 1)), yb).backward()
+            opt.step()
+    model.zeroshot_head = True  # it fits the task as is
+    return model.eval()
+
+
+def test_ct_robust_picks_the_most_robust_beta_where_clean_accuracy_is_flat():
+    suite = digits_suite()
+    model = adversarially_trained_mlp(suite.train)
+    ctx = RunContext(device=torch.device("cpu"), seed=0)
+    attack = dict(n=100, tier="quick", seed=0, threats=[{"norm": "Linf", "eps": EPS}], n_iter=10,
+                  n_target_classes=2, batch_size=256)
+    kw = dict(betas=SMALL_GRID, val_attack=attack, oracle_test=False)
+    robust_run = ct_method.adapt_robust(model, suite, ctx, select="robust", **kw)
+    clean_run = ct_method.adapt_robust(model, suite, ctx, select="clean", **kw)
+    rob, cln = robust_run.tables["beta_sweep"], clean_run.tables["beta_sweep"]
+    print(rob[["beta", "val_acc", "val_objective"]].to_string())
+
+    pd.testing.assert_series_equal(rob["val_acc"], cln["val_acc"])
+    assert rob["val_acc"].max() - rob["val_acc"].min() <= 0.015  # clean val accuracy: flat
+    assert rob["val_objective"].max() - rob["val_objective"].min() >= 0.05  # robust val accuracy: not
+    # select=clean is today's rule: best clean val accuracy, ties -> larger beta
+    assert clean_run.info["beta"] == val_argmax(cln) == ct_method.choose(dict(zip(cln["beta"], cln["val_acc"])))
+    # select=robust: the beta with the best robust val accuracy of the sweep
+    assert robust_run.info["select_objective"] == rob["val_objective"].max()
+    assert robust_run.info["beta"] == objective_argmax(rob)
+    assert robust_run.info["beta"] != clean_run.info["beta"]
+    chosen = rob.loc[rob["beta"] == clean_run.info["beta"], "val_objective"].item()
+    assert chosen < robust_run.info["select_objective"]  # the clean choice is less robust on val
+    # common random numbers: measuring the chosen model again gives the same figure
+    again = ct_method.select_objective("robust", suite, ctx, attack, "val")(robust_run.model)
+    assert again["objective"] == robust_run.info["select_objective"]
 
 
 def test_ct_robust_refuses_a_random_head(make_cfg):
