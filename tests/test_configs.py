@@ -11,15 +11,23 @@ from rftbench.run import CONFIG_DIR, run_id
 
 GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
           for g in ("backbone", "method", "suite", "eval", "experiment")}
+# choices with required values (`???`): what a user must pass with them
+REQUIRED = {("backbone", "timm"): ["backbone.arch=resnet18"],
+            ("backbone", "clip"): ["backbone.arch=RN50", "backbone.pretrained_tag=openai"]}
 
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g, cs in GROUPS.items() for c in cs])
 def test_every_choice_composes_and_resolves(make_cfg, group, choice):
-    cfg = make_cfg(f"{group}={choice}", experiment=None if group == "experiment" else "tiny")
+    if group == "experiment":
+        from test_presets import skip_without_suites
+
+        skip_without_suites(choice)
+    cfg = make_cfg(f"{group}={choice}", *REQUIRED.get((group, choice), []),
+                   experiment=None if group == "experiment" else "tiny")
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert cfg.method.name and cfg.suite.name and cfg.backbone.name
-    if group in ("backbone", "method", "suite"):
-        assert cfg[group].name == choice
+    if group in ("backbone", "method", "suite"):  # generic backbones are named <choice>/<arch>...
+        assert cfg[group].name == choice or cfg[group].name.startswith(f"{choice}/")
 
 
 def test_every_method_with_every_suite_composes(make_cfg):

@@ -1,4 +1,4 @@
-"""Backbones: timm / torchvision models wrapped as `Classifier` (pixels in [0, 1] -> logits).
+"""Backbones: timm / torchvision / open_clip models wrapped as `Classifier` (pixels in [0, 1] -> logits).
 
 Every model the benchmark adapts is a `Classifier`: input normalisation inside the model, a body
 that maps normalised images to pooled features, and a linear head. Methods rely on these three
@@ -6,6 +6,7 @@ parts (`normalize`, `body`, `head`) and on `features(x)`.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,8 @@ import timm
 import torch
 import torchvision
 from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU}  # backbone.activation: what replaces every GELU (ReLU Swin of the CT paper)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,20 +78,34 @@ def create_backbone(
     num_classes: int = 1000,
     pretrained: bool = False,
     checkpoint: str | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
     kwargs: dict | None = None,
+    activation: str | None = None,
+    pretrained_tag: str | None = None,
 ) -> Classifier:
-    """Build a `Classifier` from a timm, torchvision or RobustBench model-zoo name.
+    """Build a `Classifier` from a timm, torchvision, open_clip or RobustBench model-zoo name.
 
     `pretrained` loads the library's weights (needs them cached or a network); `checkpoint` loads a
     local state dict (safetensors or a torch file, read with weights_only=True) of the full
-    `Classifier` or of the raw library model.
+    `Classifier` or of the raw library model. timm: `mean`/`std` None take the model's
+    `pretrained_cfg`; `activation` (e.g. "relu") replaces every GELU module, for architectures
+    trained with that activation (weights from `checkpoint` only). open_clip: see `rftbench.clip`.
     """
     kwargs = dict(kwargs or {})
+    if source == "open_clip":
+        from rftbench.clip import create_clip
+
+        return create_clip(name, pretrained_tag, pretrained, checkpoint, num_classes, mean, std)
+    if activation is not None and pretrained:
+        raise ValueError(f"backbone {name} with activation={activation}: the library's pretrained weights were "
+                         f"trained with GELU; set pretrained=false and backbone.checkpoint to weights trained "
+                         f"with {activation}")
     if source == "timm":
         raw = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         split = _split_timm
+        if mean is None or std is None:  # the library's preprocessing for this model
+            mean, std = raw.pretrained_cfg["mean"], raw.pretrained_cfg["std"]
     elif source == "torchvision":
         weights = "DEFAULT" if pretrained else None
         raw = torchvision.models.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
@@ -100,15 +117,49 @@ def create_backbone(
         raw, split = load_robustbench_model(name, **kwargs), _split_attr
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     else:
-        raise ValueError(f"unknown backbone source {source!r}; valid: timm, torchvision, robustbench")
+        raise ValueError(f"unknown backbone source {source!r}; valid: timm, torchvision, robustbench, open_clip")
+    if mean is None or std is None:
+        raise ValueError(f"backbone {name} ({source}): set backbone.mean and backbone.std")
+    if activation is not None:
+        replace_activation(raw, nn.GELU, _activation(activation))
     if checkpoint is not None and not _is_classifier_state(checkpoint):
-        raw.load_state_dict(load_state(checkpoint))
+        _load_raw(raw, load_state(checkpoint), source)
         checkpoint = None
     body, head = split(raw)
     model = Classifier(body, head, Normalize(mean, std))
     if checkpoint is not None:
         model.load_state_dict(load_state(checkpoint))
     return model
+
+
+def _activation(name: str) -> type[nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"backbone.activation={name!r} not supported; valid: {sorted(ACTIVATIONS)} or null")
+    return ACTIVATIONS[name]
+
+
+def replace_activation(model: nn.Module, old: type[nn.Module], new: type[nn.Module]) -> int:
+    """Replace every `old` activation module of `model` by a fresh `new()` in place; returns the count."""
+    targets = [name for name, m in model.named_modules() if isinstance(m, old)]
+    for name in targets:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new())
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no {old.__name__} modules to replace by {new.__name__}")
+    return len(targets)
+
+
+def _load_raw(raw: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict of the library model; for timm, a checkpoint in the architecture's original
+    layout (e.g. Microsoft's Swin releases) goes through timm's own `checkpoint_filter_fn`."""
+    try:
+        raw.load_state_dict(state)
+        return
+    except RuntimeError:
+        convert = getattr(sys.modules[type(raw).__module__], "checkpoint_filter_fn", None)
+        if source != "timm" or convert is None:
+            raise
+    raw.load_state_dict(convert(state, raw))
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -121,7 +172,9 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    if isinstance(state, dict):  # {"state_dict": ...} (Lightning, ...) or {"model": ...} (Swin, DeiT releases)
+        return next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
+    return state
 
 
 def _is_classifier_state(path: str | Path) -> bool:

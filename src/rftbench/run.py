@@ -67,12 +67,19 @@ def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:
     head_init = cfg.suite.get("head_init", "auto")
     if head_init not in HEAD_INITS:
         raise ValueError(f"suite.head_init={head_init!r} not valid; choose one of {HEAD_INITS}")
+    if b.source == "open_clip":  # CLIP: the zero-shot head comes from the text tower (rftbench.clip)
+        from rftbench import clip
+
+        return ctx.prepare(clip.build_model(b, suite, head_init, cfg.seed, ctx.device))
     matches = suite.upstream_classes is not None and b.get("upstream") == suite.meta.get("upstream")
     if head_init == "auto":  # the pre-trained head when it knows the suite's classes, else a new one
         head_init = "zeroshot" if matches else "random"
     checkpoint = b.checkpoint
-    spec = dict(name=b.arch, source=b.source, pretrained=b.pretrained, mean=list(b.mean),
-                std=list(b.std), kwargs=OmegaConf.to_container(b.kwargs, resolve=True))
+    spec = dict(name=b.arch, source=b.source, pretrained=b.pretrained,
+                mean=None if b.mean is None else list(b.mean), std=None if b.std is None else list(b.std),
+                kwargs=OmegaConf.to_container(b.kwargs, resolve=True))
+    if b.get("activation"):  # e.g. relu: the ReLU Swin of the CT paper
+        spec["activation"] = b.activation
     if checkpoint is None and b.get("pretrain"):
         checkpoint = str(call(b.pretrain, backbone=spec, cache_dir=str(ctx.cache_dir)))
     if head_init == "zeroshot":
@@ -103,7 +110,8 @@ def _upstream_size(checkpoint: str | None) -> int:
     if checkpoint is None:
         return 1000
     state = load_state(checkpoint)
-    key = next((k for k in state if k.endswith("head.weight") or k in ("fc.weight", "head.weight")), None)
+    key = next((k for k in state if k.endswith("head.weight")
+                or k in ("fc.weight", "head.weight", "head.fc.weight", "classifier.weight")), None)
     if key is None:
         raise ValueError(f"cannot find the classifier weights in checkpoint {checkpoint}")
     return state[key].shape[0]

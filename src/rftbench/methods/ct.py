@@ -356,9 +356,26 @@ def _replace_relu_sites(
     present = {id(m) for m in out.modules()}
     sites_count = sum(id(u) in present for u in created)
     if sites_count == 0:
-        raise ValueError(NO_SITES_MSG)
+        raise ValueError(f"{NO_SITES_MSG}; activations found: {_activations(model)}")
     out.ct_sites = sites_count
     return out, untraced
+
+
+_NOT_ACTIVATIONS = ("MultiheadAttention", "Softmax", "Softmax2d", "LogSoftmax", "Softmin")
+
+
+def _is_activation(m: nn.Module) -> bool:
+    """torch's element-wise activation modules, and library ones named like them (QuickGELU, GELUTanh)."""
+    name = type(m).__name__
+    if type(m).__module__ == "torch.nn.modules.activation":
+        return name not in _NOT_ACTIVATIONS
+    return re.search(r"(GELU|SiLU|Swish|Mish|ReLU|Sigmoid|Tanh)", name) is not None
+
+
+def _activations(model: nn.Module) -> str:
+    """The activation modules of `model` with their counts, e.g. 'GELU x12' (what CT cannot convert)."""
+    found = Counter(type(m).__name__ for m in model.modules() if _is_activation(m))
+    return ", ".join(f"{name} x{n}" for name, n in found.most_common()) or "none as modules (functional only)"
 
 
 def _swap_modules(root: nn.Module, mapping: dict[int, nn.Module]) -> nn.Module:

@@ -8,8 +8,9 @@ from rftbench.train import RunContext
 
 
 def adapt(model: Classifier, suite: Suite, ctx: RunContext) -> Adapted:
-    if suite.upstream_classes is None or not getattr(model, "zeroshot_head", False):
+    if not getattr(model, "zeroshot_head", False):
         raise ValueError(
-            f"method=zeroshot needs a head taken from the pre-trained classifier: suite {suite.name} "
-            f"must map its classes to the upstream ones and suite.head_init must be 'zeroshot'")
+            f"method=zeroshot needs a zero-shot head: the pre-trained classifier's rows of the classes of "
+            f"suite {suite.name} (the suite must map its classes to the upstream ones) or a CLIP text-tower "
+            f"head (the suite must name its classes), with suite.head_init 'zeroshot' or 'auto'")
     return Adapted(model.eval(), trainable_params=0)
