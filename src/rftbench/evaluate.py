@@ -1,6 +1,6 @@
 """Evaluation over every reported split: accuracy, calibration, corruption and adversarial metrics.
 
-Returns long-format rows (protocol.md section 6) without the run columns, which `results` adds.
+Returns long-format rows (docs/protocol.md section 6) without the run columns, which `results` adds.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The embedded `digits` suite (protocol.md section 2): offline, CPU-sized, with a real trade-off.
+"""The embedded `digits` suite (docs/protocol.md section 2): offline, CPU-sized, with a real trade-off.
 
 Upstream: a glyph classifier (62 characters rendered from matplotlib's fonts, some fonts held out),
 pre-trained by `pretrain_glyphs` and cached by content hash. Downstream ID: scikit-learn's 1,797

@@ -1,4 +1,4 @@
-"""Curvature Tuning in the runner (methods.md section 1): steering, trainable and robustness modes.
+"""Curvature Tuning in the runner (docs/methods.md section 1): steering, trainable and robustness modes.
 
 - `adapt` (`method=ct`): frozen backbone, CT applied once; for every beta of the grid and beta = 1
   (plain LP) a fresh linear probe on cached features (the `method=lp` recipe); beta chosen on val.
