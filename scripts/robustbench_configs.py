@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rftbench.robust import import_robustbench
+from rftbench.attacks import import_robustbench
 
 TEMPLATE = """\
 # RobustBench model zoo: {name} ({dataset}, {threat}); takes [0, 1] pixels, normalises inside.

@@ -75,7 +75,8 @@ def test_cifar_reader_matches_the_pickles(tmp_path):
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "rb") as f:
         raw = pickle.load(f, encoding="bytes")[b"data"][3]
     assert np.array_equal(data["test"][0][3].transpose(2, 0, 1).reshape(-1), raw)
-    suite = build_cifar(str(tmp_path), "cifar10", seed=0, val_fraction=0.2)
+    suite = build_cifar(root=str(tmp_path), dataset="cifar10", seed=0, val_fraction=0.2, corruption_root=None,
+                        corruptions=[], severities=[], corruption_n=None)
     assert len(suite.train) == 40 and len(suite.val) == 10 and not suite.train.in_memory
     x, _ = suite["test"].dataset[3]
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
@@ -83,7 +84,7 @@ def test_cifar_reader_matches_the_pickles(tmp_path):
 
 def test_robustbench_backbone_runs_on_cifar10(make_cfg, tmp_path):
     """backbone=robustbench/<dataset>/<threat>/<name> loads a local zoo checkpoint, keeps its head."""
-    from rftbench.robust import import_robustbench
+    from rftbench.attacks import import_robustbench
 
     import_robustbench()
     from robustbench.model_zoo import model_dicts

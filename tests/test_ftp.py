@@ -1,4 +1,4 @@
-"""FTPSGD / FTPAdamW against a plain transcription of methods.md section 2, plus invariants."""
+"""FTPSGD / FTPAdamW against a plain transcription of docs/methods.md section 2, plus invariants."""
 from __future__ import annotations
 
 import copy

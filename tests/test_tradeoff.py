@@ -1,4 +1,4 @@
-"""The digits suite keeps its point (protocol.md): full fine-tuning wins on handwriting (ID test)
+"""The digits suite keeps its point (docs/protocol.md): full fine-tuning wins on handwriting (ID test)
 and loses typed digits (held-out fonts) relative to the zero-shot model."""
 from __future__ import annotations
 

@@ -112,7 +112,7 @@ def create_backbone(
         split = _split_attr
     elif source == "robustbench":
         # a model-zoo entry: its own normalisation is inside, its head fits its dataset
-        from rftbench.robust import load_robustbench_model
+        from rftbench.zoo import load_robustbench_model
 
         raw, split = load_robustbench_model(name, **kwargs), _split_attr
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)

@@ -1,6 +1,6 @@
 """Evaluation over every reported split: accuracy, calibration, corruption and adversarial metrics.
 
-Returns long-format rows (protocol.md section 6) without the run columns, which `results` adds.
+Returns long-format rows (docs/protocol.md section 6) without the run columns, which `results` adds.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rftbench import metrics
-from rftbench.data.base import Split, Suite
+from rftbench.data.base import Split, Suite, balanced_subset
 from rftbench.train import RunContext, predict
 
 log = logging.getLogger("rftbench")
@@ -50,11 +50,11 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict | None = None) -> list[dict]:
+def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict) -> list[dict]:
     """Evaluate `model` (pixels in [0, 1] -> logits) on every test/OOD split of `suite`, then the
-    configured adversarial threats. `cfg`: {ece_bins, adversarial: {enabled, n, tier, seed, n_iter,
+    configured adversarial threats. `cfg` is the `eval` config (configs/eval/default.yaml, the only
+    place its defaults live): {ece_bins, adversarial: {enabled, n, tier, seed, n_iter,
     n_target_classes, threats: [{norm, eps}], batch_size}}."""
-    cfg = dict(cfg or {})
     model.eval()
     rows: list[dict] = []
     t0 = time.perf_counter()
@@ -62,12 +62,12 @@ def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict | None =
     for split in suite.eval_splits():
         logits = predict(model, split, ctx)
         n_images += len(split)
-        rows += split_rows(split, logits, cfg.get("ece_bins", 15))
+        rows += split_rows(split, logits, cfg["ece_bins"])
     eval_time = time.perf_counter() - t0
     rows += summary_rows(rows)
     rows.append(row("-", "eval_images_per_s", n_images / max(eval_time, 1e-9), shift="id"))
-    adv = dict(cfg.get("adversarial") or {})
-    if adv.get("enabled", False):
+    adv = cfg["adversarial"]
+    if adv["enabled"]:
         rows += adversarial_rows(model, suite["test"], ctx, adv)
     rows.append(row("-", "eval_time_s", time.perf_counter() - t0, shift="id"))
     log.info("evaluated %d splits (%d images) in %.1fs", len(suite.eval_splits()), n_images,
@@ -77,16 +77,15 @@ def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict | None =
 
 def adversarial_rows(model: nn.Module, test: Split, ctx: RunContext, adv: dict) -> list[dict]:
     """Robust accuracy under each configured threat on a fixed class-balanced test subset."""
-    from rftbench import robust
+    from rftbench.attacks import attack
 
-    idx = robust.balanced_subset(test.labels, adv.get("n", 100), adv.get("seed", 0))
+    idx = balanced_subset(test.labels, adv["n"], adv["seed"])
     sub = test.subset(idx)
     out = []
-    for threat in adv.get("threats", []):
-        res = robust.attack(model, sub.x, sub.y, norm=threat["norm"], eps=float(threat["eps"]),
-                            tier=adv.get("tier", "quick"), seed=adv.get("seed", 0),
-                            batch_size=adv.get("batch_size", 256), device=ctx.device,
-                            n_iter=adv.get("n_iter", 50), n_target_classes=adv.get("n_target_classes", 3))
+    for threat in adv["threats"]:
+        res = attack(model, sub.x, sub.y, norm=threat["norm"], eps=float(threat["eps"]), tier=adv["tier"],
+                     seed=adv["seed"], batch_size=adv["batch_size"], device=ctx.device,
+                     n_iter=adv["n_iter"], n_target_classes=adv["n_target_classes"])
         name = f"ood/adversarial/{threat['norm']}"
         detail = json.dumps({"norm": res.norm, "eps": res.eps, "tier": res.tier, "n": res.n,
                              "seed": res.seed, "autoattack": res.version, "attacks": list(res.attacks)})

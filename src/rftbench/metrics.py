@@ -11,6 +11,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from rftbench.data.corruptions import CORRUPTIONS  # noqa: F401  (the one list; ALEXNET_ERRORS follows its order)
+
 # AlexNet (torchvision weights) top-1 error on ImageNet-C, per corruption and severity 1..5, over
 # all 50,000 images of each split (Hendrycks & Dietterich, ICLR 2019; the per-corruption means are
 # the AlexNet errors listed by the ImageNet-C repository, github.com/hendrycks/robustness).
@@ -34,7 +36,6 @@ ALEXNET_ERRORS: dict[str, tuple[float, float, float, float, float]] = {
 # Clean ImageNet-val top-1 error of the same AlexNet weights (torchvision acc@1 56.522%; the paper
 # reports 43.5%).
 ALEXNET_CLEAN_ERROR = 0.43478
-CORRUPTIONS: tuple[str, ...] = tuple(ALEXNET_ERRORS)  # the 15 ImageNet-C benchmark corruptions
 
 
 def _float64(x) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """Small shared helpers: seeding, devices, hashing, the artifact cache, atomic writes."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import random
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -66,6 +68,31 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+F = TypeVar("F", bound=Callable)
+
+
+def config_target(config_key: str) -> Callable[[F], F]:
+    """Mark a function as the `_target_` of the config node `config_key` (e.g. "suite.build"): a
+    call whose keywords do not fit its signature (a typo, a missing key) fails with one error naming
+    the node and listing its valid keys. The signature stays visible to `inspect.signature`."""
+
+    def wrap(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as err:
+                valid = ", ".join(signature.parameters)
+                raise TypeError(f"{config_key} ({fn.__module__}.{fn.__qualname__}): {err}; valid keys: {valid}") from None
+            return fn(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return wrap
+
+
 def describe(obj: Any) -> Any:
     """A JSON-able, address-free description of config values, including instantiated partials
     (`functools.partial(torch.optim.SGD, lr=...)` -> {"_target_": "torch.optim.sgd.SGD", "lr": ...})."""
@@ -90,13 +117,33 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def tensor_digest(*tensors: torch.Tensor) -> str:
+def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    """Feed a tensor's shape, dtype and bytes to `h` (the one tensor hashing routine)."""
+    t = t.detach().cpu().contiguous()
+    h.update(str((tuple(t.shape), str(t.dtype))).encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def tensor_digest(*tensors: torch.Tensor, length: int = 16) -> str:
+    """A short sha256 of tensors' shapes, dtypes and values, in order."""
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+        _hash_tensor(h, t)
+    return h.hexdigest()[:length]
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """The full sha256 of a state dict's keys, shapes, dtypes and values (key order ignored)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(f"{key}|".encode())
+        _hash_tensor(h, state[key])
+    return h.hexdigest()
+
+
+def missing_file(path: str | Path, what: str, how: str) -> FileNotFoundError:
+    """The error for a file or folder the user must provide: what, where it was expected, how to get it."""
+    return FileNotFoundError(f"{what} not found: expected {path}. {how}")
 
 
 def cache_root() -> Path:

@@ -1,6 +1,6 @@
 """Suites and splits: the data every method and the evaluation see.
 
-A `Suite` is a set of named `Split`s (protocol.md section 2). A split holds either tensors in
+A `Suite` is a set of named `Split`s (docs/protocol.md section 2). A split holds either tensors in
 memory (small suites such as `digits`: batches are index slices, no DataLoader overhead) or any
 map-style `Dataset` yielding `(image, label)` with images as float tensors in [0, 1] (large on-disk
 suites: batches come from a DataLoader with workers). `batches()` hides the difference.

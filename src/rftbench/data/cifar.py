@@ -4,7 +4,7 @@ Layout expected under `root` (as torchvision's CIFAR10/CIFAR100 extract them):
     cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
     cifar-100-python/{train, test, meta}
 OOD corruption splits come from CIFAR-10-C / CIFAR-100-C (`corruption_root`) through
-`rftbench.robust.load_cifar_c`. Images stay uint8 in memory and are served as float [0, 1] by a
+`rftbench.data.corruption_sets.load_cifar_c`. Images stay uint8 in memory and are served as float [0, 1] by a
 Dataset, so batches stream through DataLoader workers like any on-disk suite.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rftbench.data.base import Split, Suite, stratified_split
+from rftbench.utils import config_target
 
 LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
@@ -65,12 +66,15 @@ def read_cifar(root: str | Path, dataset: str = "cifar10") -> dict[str, tuple[np
     return out
 
 
-def build_cifar(root: str, dataset: str = "cifar10", seed: int = 0, val_fraction: float = 0.2,
-                corruption_root: str | None = None, corruptions: Sequence[str] = (),
-                severities: Sequence[int] = (1, 2, 3, 4, 5), corruption_n: int | None = None,
-                cache_dir: str | None = None, **_: object) -> Suite:
+@config_target("suite.build")
+def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corruption_root: str | None,
+                corruptions: Sequence[str], severities: Sequence[int], corruption_n: int | None,
+                cache_dir: str | None = None) -> Suite:
     """CIFAR suite: train/val (stratified, seeded split of the official train set), test, and
-    `ood/corruption/<name>/<severity>` from CIFAR-10-C / CIFAR-100-C when `corruption_root` is set."""
+    `ood/corruption/<name>/<severity>` from CIFAR-10-C / CIFAR-100-C when `corruption_root` is set.
+
+    The keywords are `suite.build` of configs/suite/cifar10.yaml (their defaults live there);
+    `seed` and `cache_dir` come from the runner (`cache_dir` is unused: nothing is cached)."""
     data = read_cifar(root, dataset)
     xtr, ytr = data["train"]
     rest, held = stratified_split(torch.from_numpy(ytr), val_fraction, seed)
@@ -81,10 +85,9 @@ def build_cifar(root: str, dataset: str = "cifar10", seed: int = 0, val_fraction
         "test": Split("test", "test", dataset=UInt8Images(*data["test"])),
     }
     if corruption_root and corruptions:
-        from rftbench import robust
+        from rftbench.data.corruption_sets import load_cifar_c
 
-        sets = robust.load_cifar_c(corruption_root, dataset, list(corruptions), list(severities),
-                                   n_examples=corruption_n)
+        sets = load_cifar_c(corruption_root, dataset, list(corruptions), list(severities), n_examples=corruption_n)
         for (name, sev), (x, y) in sets.items():
             key = f"ood/corruption/{name}/{sev}"
             splits[key] = Split(key, "ood", "corruption", x=x, y=y, corruption=name, severity=sev)

@@ -11,18 +11,18 @@ returned unchanged instead (no spatter drawn).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from imagecorruptions import corrupt as _library_corrupt
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from rftbench.utils import save_tensors_atomic, stable_hash, tensor_digest
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
@@ -32,7 +32,13 @@ CORRUPTIONS: tuple[str, ...] = (
 )
 EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 ALL_CORRUPTIONS = CORRUPTIONS + EXTRA_CORRUPTIONS
-SEVERITIES = (1, 2, 3, 4, 5)
+SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+# The only definition of these lists: `rftbench.metrics` and the CIFAR-C / ImageNet-C loaders import
+# them, and the configs refer to them through `${rftbench.corruptions:}` (the 15 benchmark ones),
+# `${rftbench.corruptions:extra}` (the 4 held-out ones) and `${rftbench.severities:}`, resolvers
+# registered when the `rftbench` package is imported.
+CORRUPTION_SETS: dict[str, tuple[str, ...]] = {"benchmark": CORRUPTIONS, "extra": EXTRA_CORRUPTIONS,
+                                               "all": ALL_CORRUPTIONS}
 MIN_SIZE = 32  # the library rejects smaller images
 CACHE_FORMAT_VERSION = 1
 LIBRARY_VERSION = importlib.metadata.version("imagecorruptions-imaug")
@@ -96,24 +102,11 @@ def corrupt(images: torch.Tensor, corruption: str, severity: int, seed: int) -> 
 
 
 def cache_key(pixels: np.ndarray, corruptions: Sequence[str], severities: Sequence[int], seed: int) -> str:
-    """Content hash naming the cache file of one corrupted set."""
-    h = hashlib.sha256()
-    header = dict(shape=list(pixels.shape), corruptions=list(corruptions), severities=list(severities),
-                  seed=seed, library=LIBRARY_VERSION, format=CACHE_FORMAT_VERSION)
-    h.update(json.dumps(header, sort_keys=True).encode())
-    h.update(pixels.tobytes())
-    return h.hexdigest()[:32]
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Content hash naming the cache file of one corrupted set (`rftbench.utils` hashers)."""
+    spec = dict(pixels=tensor_digest(torch.from_numpy(np.ascontiguousarray(pixels))),
+                corruptions=list(corruptions), severities=[int(s) for s in severities], seed=seed,
+                library=LIBRARY_VERSION, format=CACHE_FORMAT_VERSION)
+    return stable_hash(spec, length=32)
 
 
 def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: Sequence[int], seed: int,
@@ -141,5 +134,5 @@ def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: 
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = dict(corruptions=json.dumps(corruptions), severities=json.dumps(severities),
                         seed=str(seed), library=LIBRARY_VERSION, format=str(CACHE_FORMAT_VERSION))
-        _atomic_save(stored, path, metadata)
+        save_tensors_atomic(path, stored, metadata=metadata)
     return {cs: stored[key].float().div(255.0) for cs, key in names.items()}

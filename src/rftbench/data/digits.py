@@ -1,4 +1,4 @@
-"""The embedded `digits` suite (protocol.md section 2): offline, CPU-sized, with a real trade-off.
+"""The embedded `digits` suite (docs/protocol.md section 2): offline, CPU-sized, with a real trade-off.
 
 Upstream: a glyph classifier (62 characters rendered from matplotlib's fonts, some fonts held out),
 pre-trained by `pretrain_glyphs` and cached by content hash. Downstream ID: scikit-learn's 1,797
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rftbench.data import corruptions as C
 from rftbench.data import glyphs
 from rftbench.data.base import Split, Suite, balanced_subset, per_class, stratified_split
-from rftbench.utils import cache_root, save_tensors_atomic, stable_hash
+from rftbench.utils import cache_root, config_target, save_tensors_atomic, stable_hash
 
 log = logging.getLogger("rftbench")
 
@@ -38,19 +38,33 @@ def handwritten_digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return x.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(d.target).long()
 
 
-def build_digits(seed: int = 0, train_per_class: int | None = 20, val_fraction: float = 0.2,
-                 test_fraction: float = 0.4, split_seed: int = 0, image_size: int = 32,
-                 fonts_held_out: Sequence[str] | None = None, typed: dict | None = None,
-                 corruption: dict | None = None, seen_corruptions: dict | None = None,
-                 cache_dir: str | Path | None = None, **_: object) -> Suite:
+TYPED_KEYS = ("n", "augment", "seed")
+CORRUPTION_KEYS = ("n", "names", "severities", "seed")
+SEEN_KEYS = ("names", "severity", "n_val", "seed")
+
+
+def _section(name: str, value: dict, keys: tuple[str, ...]) -> dict:
+    """A nested `suite.build.<name>` node with exactly `keys` (no defaults here: they are in YAML)."""
+    if set(value) != set(keys):
+        raise TypeError(f"suite.build.{name} must have exactly the keys {', '.join(keys)}; "
+                        f"missing: {sorted(set(keys) - set(value))}, unknown: {sorted(set(value) - set(keys))}")
+    return dict(value)
+
+
+@config_target("suite.build")
+def build_digits(*, seed: int, train_per_class: int | None, val_fraction: float, test_fraction: float,
+                 split_seed: int, image_size: int, fonts_held_out: Sequence[str] | None, typed: dict,
+                 corruption: dict, seen_corruptions: dict, cache_dir: str | Path | None = None) -> Suite:
     """Build the digits suite. `split_seed` fixes the test split for every trial; the trial `seed`
-    draws the val split and the few-shot training subset."""
+    draws the val split and the few-shot training subset.
+
+    The keywords are `suite.build` of configs/suite/digits.yaml, where their defaults live; `seed`
+    and `cache_dir` come from the runner. `typed`: {n, augment, seed}; `corruption`: {n, names,
+    severities, seed}; `seen_corruptions`: {names, severity, n_val, seed}."""
     cache_dir = Path(cache_dir) if cache_dir else cache_root()
-    typed = {"n": 500, "augment": "mild", "seed": 1, **(typed or {})}
-    corruption = {"n": 200, "names": list(C.CORRUPTIONS), "severities": [1, 2, 3, 4, 5], "seed": 2,
-                  **(corruption or {})}
-    seen = {"names": list(C.EXTRA_CORRUPTIONS), "severity": 5, "n_val": None, "seed": 3,
-            **(seen_corruptions or {})}
+    typed = _section("typed", typed, TYPED_KEYS)
+    corruption = _section("corruption", corruption, CORRUPTION_KEYS)
+    seen = _section("seen_corruptions", seen_corruptions, SEEN_KEYS)
     fonts_held_out = tuple(fonts_held_out or glyphs.DEFAULT_HELD_OUT)
 
     x, y = handwritten_digits(image_size)
@@ -100,11 +114,14 @@ def corrupt_split(split: Split, name: str, severity: int, seed: int, cache_dir: 
                  corruption=name, severity=severity)
 
 
-def pretrain_glyphs(backbone: dict, n_train: int = 12000, epochs: int = 2, batch_size: int = 64,
-                    lr: float = 4e-3, weight_decay: float = 0.05, seed: int = 0, image_size: int = 32,
-                    fonts_held_out: Sequence[str] | None = None, cache_dir: str | Path | None = None) -> Path:
+@config_target("backbone.pretrain")
+def pretrain_glyphs(*, backbone: dict, n_train: int, epochs: int, batch_size: int, lr: float,
+                    weight_decay: float, seed: int, image_size: int, fonts_held_out: Sequence[str] | None,
+                    cache_dir: str | Path | None = None) -> Path:
     """The upstream checkpoint: `backbone` trained on rendered glyphs (all 62 characters, fonts not
-    held out). Deterministic; cached as safetensors under the cache root by content hash."""
+    held out). Deterministic; cached as safetensors under the cache root by content hash. The
+    keywords are `backbone.pretrain` of configs/backbone/digits_resnet.yaml (defaults live there);
+    `backbone` and `cache_dir` come from the runner."""
     from rftbench.backbones import create_backbone
 
     held = tuple(fonts_held_out or glyphs.DEFAULT_HELD_OUT)

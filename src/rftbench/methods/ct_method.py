@@ -1,4 +1,4 @@
-"""Curvature Tuning in the runner (methods.md section 1): steering, trainable and robustness modes.
+"""Curvature Tuning in the runner (docs/methods.md section 1): steering, trainable and robustness modes.
 
 - `adapt` (`method=ct`): frozen backbone, CT applied once; for every beta of the grid and beta = 1
   (plain LP) a fresh linear probe on cached features (the `method=lp` recipe); beta chosen on val.
@@ -7,7 +7,7 @@
 - `adapt_robust` (`method=ct_robust`): a classifier that already fits the task (e.g. a RobustBench
   model); only beta is swept, no probe. Beta is chosen by the objective CT is meant to improve,
   measured on validation data only (`select`):
-  * `robust` (default): AutoAttack robust accuracy (`rftbench.robust.attack`, mean over the
+  * `robust` (default): AutoAttack robust accuracy (`rftbench.attacks.attack`, mean over the
     configured threats) on a fixed class-balanced subset of val; the same images and the same
     attack seed for every beta (common random numbers);
   * `corruption`: mean accuracy over the suite's `ood_val` corruption splits;
@@ -258,7 +258,7 @@ def robust_objective(split: Split, attack_cfg: Mapping, ctx: RunContext) -> Obje
     """AutoAttack robust accuracy per threat (`robust_acc/<norm>/<eps>`) on the fixed subset of
     `split`, and their mean (`objective`). The subset and the attack seed are drawn once: every
     model measured by the returned function sees the same images and random numbers."""
-    from rftbench import robust
+    from rftbench import attacks
 
     x, y = attack_subset(split, int(attack_cfg["n"]), int(attack_cfg["seed"]))
     threats = list(attack_cfg["threats"])
@@ -268,7 +268,7 @@ def robust_objective(split: Split, attack_cfg: Mapping, ctx: RunContext) -> Obje
     def measure(model: nn.Module) -> dict[str, float]:
         out = {}
         for threat in threats:
-            res = robust.attack(model, x, y, norm=threat["norm"], eps=float(threat["eps"]),
+            res = attacks.attack(model, x, y, norm=threat["norm"], eps=float(threat["eps"]),
                                 tier=attack_cfg["tier"], seed=int(attack_cfg["seed"]),
                                 batch_size=int(attack_cfg["batch_size"]), device=ctx.device,
                                 n_iter=int(attack_cfg["n_iter"]), n_target_classes=int(attack_cfg["n_target_classes"]))

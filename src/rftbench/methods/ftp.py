@@ -11,7 +11,7 @@ moments, the previous deviation and inverse row norms, the base optimizer's buff
 `self.state[p]`, the global step counter in every param group as "ftp_step", so everything
 round-trips through `state_dict()` / `load_state_dict()`. A parameter without a gradient at a step
 is skipped and keeps its state; its first update (at any global step) starts gamma at 1e-8.
-The numerics follow shared/specs/methods.md section 2; no step synchronises with the device.
+The numerics follow docs/methods.md section 2; no step synchronises with the device.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """LEVI (reconstruction) — Roh et al., ICML 2024: frozen pre-trained backbone + small task model.
 
-No public code exists; this is our reconstruction (methods.md section 4), to be labelled
+No public code exists; this is our reconstruction (docs/methods.md section 4), to be labelled
 "LEVI (reconstruction)". A frozen backbone f is tapped at several stages; a small task-specific
 model g is trained from scratch; one adapting layer per tap maps
 [LayerNorm(pool(h_l)) ; LayerNorm(z)] (z = g's penultimate features) to logits; the prediction is

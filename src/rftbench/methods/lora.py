@@ -1,6 +1,6 @@
 """LoRA baseline (through `peft`): low-rank adapters on the backbone body, head fully trained.
 
-Defaults follow the CT paper's comparison (methods.md section 5): rank 1, alpha 1, every Conv2d and
+Defaults follow the CT paper's comparison (docs/methods.md section 5): rank 1, alpha 1, every Conv2d and
 Linear of the backbone body. The head is never adapted: it stays a plain, fully trainable
 `nn.Linear`. Base weights are frozen; BatchNorm running statistics are frozen too as long as the
 training loop keeps BatchNorm in eval mode (`rftbench.train.fit(..., bn_eval=True)`).

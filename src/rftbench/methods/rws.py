@@ -26,7 +26,6 @@ Layers (what K counts), our choice where the original had none:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from rftbench.utils import save_tensors_atomic
+from rftbench.utils import save_tensors_atomic, state_digest  # noqa: F401  (state_digest: part of this API)
 
 Signature = dict[str, torch.Tensor]
 State = Mapping[str, torch.Tensor]
@@ -301,16 +300,6 @@ def signature_nbytes(signature: Mapping[str, torch.Tensor], levels: int | None =
 def full_copy_nbytes(state: State) -> int:
     """Bytes of a full copy of `state` with floating-point tensors in fp32 (others as they are)."""
     return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in state.values())
-
-
-def state_digest(state: State) -> str:
-    """SHA-256 of a state's keys, dtypes, shapes and values (key order ignored): a source hash."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def save_signature(

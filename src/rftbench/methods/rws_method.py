@@ -1,4 +1,4 @@
-"""`method=rws`: Robust Weight Signatures in the runner (methods.md section 3).
+"""`method=rws`: Robust Weight Signatures in the runner (docs/methods.md section 3).
 
 1. Experts, all from the SAME start theta_init (the model the runner passes in) with the shared
    fine-tuning recipe (configs/recipe/finetune.yaml), each cached with `cached_training` under a key
