@@ -24,7 +24,7 @@ def add_run(root, method: str, seed: int, id_acc: float, ood_acc: float, *, val:
     folder.write_metrics([{"split": "test", "metric": "acc", "value": id_acc, "selection": "val"},
                           {"split": "ood", "metric": "acc_mean", "value": ood_acc, "selection": "val"},
                           {"split": "test", "metric": "ece", "value": ece, "selection": "val"},
-                          {"split": "-", "metric": "chosen/val_acc", "value": val, "selection": "val"},
+                          {"split": "-", "metric": "val_acc", "value": val, "selection": "val"},
                           {"split": "ood", "metric": "acc_mean", "value": 0.99, "selection": "oracle"}], seed)
     folder.finish()
     return run_id

@@ -22,7 +22,7 @@ from torch import nn
 from rftbench import sweep
 from rftbench.data.base import Split
 from rftbench.leaderboard import build
-from rftbench.plan import plan, report, status
+from rftbench.plan import plan, report
 from rftbench.results import CHECKPOINTS, RunBusy, RunFolder, RunLock, _start_time
 from rftbench.run import CONFIG_DIR, execute, run_folder, run_id
 from rftbench.train import RunContext, fit
@@ -202,14 +202,14 @@ def test_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(tmp_path)
         _foreign_lock(folder, host=socket.gethostname(), pid=holder.pid, started=_start_time(holder.pid))
         with pytest.raises(RunBusy, match=f"pid {holder.pid}"):
             folder.start()
-        assert status(folder) == "running" and not (folder.path / "error.txt").exists()
+        assert folder.status == "running" and not (folder.path / "error.txt").exists()
     finally:
         holder.kill()
         holder.wait()
     folder.start()  # the owner died: stale
     assert folder.lock.owner()["token"] == folder.lock.token
     folder.finish()
-    assert status(folder) == "done" and not (folder.path / ".lock").exists()
+    assert folder.status == "done" and not (folder.path / ".lock").exists()
     with pytest.raises(RunBusy, match="finished by another process"):
         RunFolder(tmp_path, "s", "b", "m", "r1").start()
 

@@ -30,14 +30,24 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class Classifier(nn.Module):
-    """normalize -> body (pooled features, shape (B, D)) -> head (nn.Linear)."""
+HEAD_ORIGINS = ("pretrained", "zeroshot", "random", "probed")
 
-    def __init__(self, body: nn.Module, head: nn.Linear, normalize: Normalize):
+
+class Classifier(nn.Module):
+    """normalize -> body (pooled features, shape (B, D)) -> head (nn.Linear).
+
+    `head_origin` says where the head's weights come from: `pretrained` (the backbone's own
+    classifier), `zeroshot` (the pre-trained rows of the suite's classes: the model already fits
+    the task), `random` (a new head) or `probed` (a linear probe on the frozen features)."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear, normalize: Normalize, head_origin: str = "pretrained"):
         super().__init__()
+        if head_origin not in HEAD_ORIGINS:
+            raise ValueError(f"head_origin={head_origin!r} not valid; choose one of {HEAD_ORIGINS}")
         self.normalize = normalize
         self.body = body
         self.head = head
+        self.head_origin = head_origin
 
     @property
     def num_features(self) -> int:

@@ -19,8 +19,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
+from rftbench.identity import CONFIG_DIR, run_folder
 from rftbench.results import RunFolder, load_metrics
-from rftbench.run import CONFIG_DIR, run_folder
 from rftbench.sweep import sample_hparams
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -49,15 +49,6 @@ def expand(master: DictConfig, loader) -> list[Job]:
         cfg = sample_hparams(cfg)
         jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
     return jobs
-
-
-def status(folder: RunFolder) -> str:
-    """done | failed | running (a live process holds its lock) | incomplete (interrupted) | pending."""
-    if folder.done:
-        return "done"
-    if folder.path.exists() and folder.lock_owner() is not None:
-        return "running"
-    return folder.status
 
 
 def error_line(folder: RunFolder) -> str:
@@ -112,7 +103,7 @@ def plan(overrides: list[str], config_dir: str = CONFIG_DIR) -> pd.DataFrame:
     rows = []
     for i, (job, vary) in enumerate(zip(jobs, varying(jobs))):
         c = job.folder.columns
-        st = status(job.folder)
+        st = job.folder.status
         own = costs[costs["run_id"] == job.folder.run_id]
         cost, basis = ((float(own["seconds"].iloc[0]), "measured") if st == "done" and len(own)
                        else estimate(costs, c["suite"], c["backbone"], c["method"]))

@@ -175,7 +175,7 @@ class Summary:
 
 
 def outcome(before: str, after: str) -> str:
-    """A job's outcome from its run folder status before and after the sweep (rftbench.plan.status):
+    """A job's outcome from its run folder status before and after the sweep (`RunFolder.status`):
     skipped (done before), done (finished during the sweep, by it or a concurrent process), failed,
     busy (another process is still computing it), incomplete (did not finish)."""
     if before == "done":
@@ -197,7 +197,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.global_hydra import GlobalHydra
 
-        from rftbench.plan import BASIC_SWEEPER, expand, status
+        from rftbench.plan import BASIC_SWEEPER, expand
 
         global LAST
         LAST = None
@@ -205,20 +205,20 @@ class SweepSummary(Callback):
             log.info("sweep summary: only for Hydra's basic sweeper")
             return
         try:
-            self.jobs = [(job, status(job.folder)) for job in expand(config, GlobalHydra.instance().config_loader())]
+            self.jobs = [(job, job.folder.status) for job in expand(config, GlobalHydra.instance().config_loader())]
         except Exception as exc:  # a job whose config cannot be made: stop before launching anything
             raise SystemExit(f"cannot plan the sweep: {type(exc).__name__}: {exc}") from exc
         log.info("sweep: %d jobs, %d already done", len(self.jobs), sum(s == "done" for _, s in self.jobs))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from rftbench.plan import error_line, status
+        from rftbench.plan import error_line
 
         global LAST
         if self.jobs is None:
             return
         jobs = []
         for job, before in self.jobs:
-            after = status(job.folder)
+            after = job.folder.status
             rec = {"overrides": job.overrides, "folder": str(job.folder.path), "run_id": job.folder.run_id,
                    "before": before, "after": after, "outcome": outcome(before, after)}
             if rec["outcome"] == "failed":
