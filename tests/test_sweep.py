@@ -259,7 +259,7 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
 
 
-def _fit(model, ctx, calls: list, stop_at: int | None = None):
+def _fit(model, ctx, calls: list, stop_at: int | None = None, key: str | None = "demo"):
     def loss(out, y):
         calls.append(1)
         if stop_at is not None and len(calls) == stop_at:
@@ -269,7 +269,7 @@ def _fit(model, ctx, calls: list, stop_at: int | None = None):
     torch.manual_seed(1)
     return fit(model, _data(40, 1, "train"), _data(24, 2, "val"), ctx, epochs=4, batch_size=8, loss_fn=loss,
                optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
-               scheduler={"name": "cosine"})
+               scheduler={"name": "cosine"}, checkpoint_key=key)
 
 
 def test_interrupted_fit_continues_from_its_last_epoch_with_identical_results(tmp_path):
@@ -280,7 +280,9 @@ def test_interrupted_fit_continues_from_its_last_epoch_with_identical_results(tm
 
     with pytest.raises(Interrupted):  # killed during epoch 3 (5 steps per epoch)
         _fit(_model(), RunContext(run_dir=tmp_path), [], stop_at=12)
-    assert len(list((tmp_path / CHECKPOINTS).glob("fit1-*.pt"))) == 1
+    assert len(list((tmp_path / CHECKPOINTS).glob("demo-*.pt"))) == 1
+    _fit(_model(), RunContext(run_dir=tmp_path / "none"), [], key=None)  # no key: no checkpoints
+    assert not (tmp_path / "none").exists()
 
     calls = []
     model = _model()
