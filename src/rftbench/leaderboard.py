@@ -86,6 +86,8 @@ def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd
                 sel = g[(g["split"] == split) & (g["metric"] == metric)]
             rec[col] = sel["value"].mean() if len(sel) else np.nan
         sel = g[(g["split"] == "-") & (g["metric"] == SELECT_BY)]
+        if not len(sel):  # runs recorded before the explicit field: their `chosen/val_acc` row
+            sel = g[(g["split"] == "-") & (g["metric"] == f"chosen/{SELECT_BY}")]
         rec[SELECT_BY] = sel["value"].mean() if len(sel) else np.nan
         for _, r in g[g["metric"].str.startswith("chosen/")].iterrows():
             rec[r["metric"]] = r["value"]
