@@ -3,8 +3,9 @@ on the cached features) against its floor, the feature passes alone (one pass ov
 through the CT backbone per beta), on the digits suite (default config unless overridden).
 
 The two alternate (and swap order) so that load changes on a shared machine hit both alike: per
-beta (`--interleave beta`, default: the sweep's step for one beta, then that beta's passes; a
-repetition sums them over the grid) or per whole grid (`--interleave grid`). The figures are medians
+whole grid (`--interleave grid`, default: the sweep trains the probes of all betas as one batched
+problem) or per beta (`--interleave beta`: the sweep for one beta, then that beta's passes; a
+repetition sums them over the grid). The figures are medians
 over repetitions. The oracle test pass (analysis only) is timed apart: it is not part of the selection.
 
     .venv/bin/python scripts/bench_ct_sweep.py --threads 1 --reps 7 [hydra overrides...]
@@ -21,9 +22,10 @@ from hydra import compose, initialize_config_dir
 
 from rftbench.methods.base import freeze
 from rftbench.methods.ct import apply_ct, set_beta
-from rftbench.methods.ct_method import beta_grid, cpu_threads, example_input, fast_fit_probe, probe_sweep
-from rftbench.run import CONFIG_DIR, build_model, build_suite
-from rftbench.train import RunContext, accuracy_on, extract_features
+from rftbench.identity import CONFIG_DIR
+from rftbench.methods.ct_method import beta_grid, cpu_threads, example_input, probe_sweep
+from rftbench.run import build_model, build_suite
+from rftbench.train import RunContext, accuracy_on, extract_features, fit_probe
 from rftbench.utils import resolve_device
 
 
@@ -32,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (on a loaded 2-core machine 2 threads make timings bimodal)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions of each measurement")
-    ap.add_argument("--interleave", choices=["beta", "grid"], default="beta",
+    ap.add_argument("--interleave", choices=["beta", "grid"], default="grid",
                     help="alternate the two measurements per beta or per whole grid")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides (default: method=ct on digits)")
     return ap.parse_args()
@@ -72,7 +74,7 @@ def main() -> None:
 
     def one_probe() -> None:
         with cpu_threads(1, ctx.device):
-            fast_fit_probe(ftr, ytr, fval, yval, suite.num_classes, init=model.head, seed=ctx.seed, **probe_cfg)
+            fit_probe(ftr, ytr, fval, yval, suite.num_classes, init=model.head, seed=ctx.seed, **probe_cfg)
 
     def oracle_test() -> None:
         for beta in grid:

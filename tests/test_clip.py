@@ -60,7 +60,7 @@ def test_clip_backbone_builds_as_a_classifier(make_cfg, single_thread, name, arc
     with torch.no_grad():
         f = model.eval().features(torch.rand(2, 3, 224, 224))
     assert f.shape == (2, features) and torch.allclose(f.norm(dim=1), torch.ones(2))
-    assert not getattr(model, "zeroshot_head", False)
+    assert model.head_origin != "zeroshot"
 
 
 @pytest.mark.parametrize("imagenet", [False, True])
@@ -78,7 +78,7 @@ def test_zeroshot_head_equals_open_clips_classifier(make_cfg, single_thread, tin
     ref = open_clip.create_model(tiny_clip, pretrained=None).eval()  # the same random init
     weights = open_clip.build_zero_shot_classifier(ref, open_clip.get_tokenizer(tiny_clip), names, templates)
     scale = ref.logit_scale.exp()
-    assert model.zeroshot_head
+    assert model.head_origin == "zeroshot"
     torch.testing.assert_close(model.head.weight / scale, weights.T)  # the same text features
     assert torch.equal(model.head.bias, torch.zeros(3))
     x = torch.rand(4, 3, 64, 64)
@@ -105,7 +105,7 @@ def test_zeroshot_needs_class_names_and_a_matching_input_size(make_cfg, single_t
 def test_generic_clip_config(make_cfg, single_thread, tiny_clip):
     model, cfg = build(make_cfg, named_suite(), "backbone=clip", f"backbone.arch={tiny_clip}",
                        "backbone.pretrained_tag=null", "backbone.input.size=64")
-    assert cfg.backbone.name == f"clip/{tiny_clip}/None" and model.zeroshot_head  # auto: names known -> zero-shot
+    assert cfg.backbone.name == f"clip/{tiny_clip}/None" and model.head_origin == "zeroshot"  # auto: names known -> zero-shot
     assert model.num_features == 64
     assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(OPENAI_MEAN))
     with pytest.raises(ValueError, match="unknown open_clip pretrained_tag"):

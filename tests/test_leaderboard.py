@@ -24,7 +24,7 @@ def add_run(root, method: str, seed: int, id_acc: float, ood_acc: float, *, val:
     folder.write_metrics([{"split": "test", "metric": "acc", "value": id_acc, "selection": "val"},
                           {"split": "ood", "metric": "acc_mean", "value": ood_acc, "selection": "val"},
                           {"split": "test", "metric": "ece", "value": ece, "selection": "val"},
-                          {"split": "-", "metric": "chosen/val_acc", "value": val, "selection": "val"},
+                          {"split": "-", "metric": "val_acc", "value": val, "selection": "val"},
                           {"split": "ood", "metric": "acc_mean", "value": 0.99, "selection": "oracle"}], seed)
     folder.finish()
     return run_id
@@ -144,3 +144,15 @@ def test_run_ids_that_look_like_numbers_stay_strings(tmp_path):
     res = lb.build_all(root, ("ft",))
     assert sorted(res.runs["run_id"]) == ["1234567890123456", "49880825710592e7"]
     assert res.board.loc[0, "n_seeds"] == 2 and res.board.loc[0, "n_variants"] == 1
+
+
+def test_runs_recorded_before_the_val_acc_field_are_chosen_by_chosen_val_acc(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        add_run(root, "ft", seed, 0.80, 0.4, val=0.9, lr=0.01)
+        add_run(root, "ft", seed, 0.95, 0.3, val=0.8, lr=0.1)
+    for path in root.rglob("metrics.csv"):  # as written before: the val accuracy as chosen/val_acc
+        m = pd.read_csv(path)
+        m.loc[m["metric"] == "val_acc", "metric"] = "chosen/val_acc"
+        m.to_csv(path, index=False)
+    assert row(lb.build_all(root).board, "ft")["id_test_acc"] == pytest.approx(0.80)

@@ -26,7 +26,7 @@ def test_run_folder_lifecycle(tmp_path):
     f = RunFolder(tmp_path, "digits", "b/x", "ft", "abc")
     assert f.status == "pending"
     f.start()
-    assert f.status == "incomplete" and not f.done
+    assert f.status == "running" and not f.done  # this process holds the lock
     f.fail(ValueError("boom"))
     assert f.status == "failed" and "ValueError: boom" in (f.path / "error.txt").read_text()
     f.start()  # a retry clears the old error

@@ -99,4 +99,4 @@ def test_zeroshot_head_is_the_upstream_digit_rows(make_cfg):
     ckpt = next((ctx.cache_dir / "upstream").glob("glyphs-*.safetensors"))
     up = load_state(ckpt)
     assert torch.equal(model.head.weight, up["head.weight"][DIGIT_CLASSES])
-    assert model.head.out_features == 10
+    assert model.head.out_features == 10 and model.head_origin == "zeroshot"

@@ -42,11 +42,11 @@ def test_choose_takes_the_best_score_and_breaks_ties_towards_zero():
 def test_rws_run_end_to_end(make_cfg, monkeypatch):
     cfg = make_cfg(*FAST)
     fit, folders = ft.fit, []
-    monkeypatch.setattr("rftbench.methods.ft.fit", lambda *a, **kw: folders.append(a[3].run_dir) or fit(*a, **kw))
+    monkeypatch.setattr("rftbench.methods.ft.fit", lambda *a, **kw: folders.append(kw["checkpoint_key"]) or fit(*a, **kw))
     assert execute(cfg) == "done"
     path = run_folder(cfg).path
     # each expert keeps its resume checkpoints apart (they all start from the same weights)
-    assert folders == [path / "checkpoints" / f"rws-{e}" for e in ("clean", "speckle_noise", "saturate")]
+    assert folders == ["finetune", "rws-speckle_noise", "rws-saturate"]
     info = json.loads((path / "info.json").read_text())["info"]
     names = ["speckle_noise", "saturate"]  # the tiny preset's seen corruptions
     assert info["bn"] == "keep" and info["k"] == 3 and info["selection"] == "ood_val"
@@ -104,8 +104,9 @@ def test_rws_run_end_to_end(make_cfg, monkeypatch):
     experts0 = pd.read_csv(path0 / "rws_experts.csv")
     assert experts0["cached"].tolist() == [1, 1, 1]
     assert experts0["best_epoch"].tolist() == experts["best_epoch"].tolist()
-    info0 = json.loads((path0 / "info.json").read_text())["info"]
-    assert info0["cached_train_time_s"] == pytest.approx(experts["train_time_s"].sum())
+    run_info0 = json.loads((path0 / "info.json").read_text())
+    assert run_info0["reused_time_s"] == pytest.approx(experts["train_time_s"].sum())
+    assert run_info0["train_time_s"] == pytest.approx(experts["train_time_s"].sum())
     sig0, meta0 = rws.load_signature(path0 / "signatures" / "saturate.safetensors")
     assert meta0["source_clean"] == meta["source_clean"] and meta0["source_robust"] == meta["source_robust"]
     assert all(torch.equal(sig[k], sig0[k]) for k in sig)

@@ -22,7 +22,7 @@ from torch import nn
 from rftbench import sweep
 from rftbench.data.base import Split
 from rftbench.leaderboard import build
-from rftbench.plan import plan, report, status
+from rftbench.plan import plan, report
 from rftbench.results import CHECKPOINTS, RunBusy, RunFolder, RunLock, _start_time
 from rftbench.run import CONFIG_DIR, execute, run_folder, run_id
 from rftbench.train import RunContext, fit
@@ -202,14 +202,14 @@ def test_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(tmp_path)
         _foreign_lock(folder, host=socket.gethostname(), pid=holder.pid, started=_start_time(holder.pid))
         with pytest.raises(RunBusy, match=f"pid {holder.pid}"):
             folder.start()
-        assert status(folder) == "running" and not (folder.path / "error.txt").exists()
+        assert folder.status == "running" and not (folder.path / "error.txt").exists()
     finally:
         holder.kill()
         holder.wait()
     folder.start()  # the owner died: stale
     assert folder.lock.owner()["token"] == folder.lock.token
     folder.finish()
-    assert status(folder) == "done" and not (folder.path / ".lock").exists()
+    assert folder.status == "done" and not (folder.path / ".lock").exists()
     with pytest.raises(RunBusy, match="finished by another process"):
         RunFolder(tmp_path, "s", "b", "m", "r1").start()
 
@@ -259,7 +259,7 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
 
 
-def _fit(model, ctx, calls: list, stop_at: int | None = None):
+def _fit(model, ctx, calls: list, stop_at: int | None = None, key: str | None = "demo"):
     def loss(out, y):
         calls.append(1)
         if stop_at is not None and len(calls) == stop_at:
@@ -269,7 +269,7 @@ def _fit(model, ctx, calls: list, stop_at: int | None = None):
     torch.manual_seed(1)
     return fit(model, _data(40, 1, "train"), _data(24, 2, "val"), ctx, epochs=4, batch_size=8, loss_fn=loss,
                optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
-               scheduler={"name": "cosine"})
+               scheduler={"name": "cosine"}, checkpoint_key=key)
 
 
 def test_interrupted_fit_continues_from_its_last_epoch_with_identical_results(tmp_path):
@@ -280,7 +280,9 @@ def test_interrupted_fit_continues_from_its_last_epoch_with_identical_results(tm
 
     with pytest.raises(Interrupted):  # killed during epoch 3 (5 steps per epoch)
         _fit(_model(), RunContext(run_dir=tmp_path), [], stop_at=12)
-    assert len(list((tmp_path / CHECKPOINTS).glob("fit1-*.pt"))) == 1
+    assert len(list((tmp_path / CHECKPOINTS).glob("demo-*.pt"))) == 1
+    _fit(_model(), RunContext(run_dir=tmp_path / "none"), [], key=None)  # no key: no checkpoints
+    assert not (tmp_path / "none").exists()
 
     calls = []
     model = _model()

@@ -17,40 +17,7 @@ from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU}  # backbone.activation: what replaces every GELU (ReLU Swin of the CT paper)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel; inputs are pixels in [0, 1]."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class Classifier(nn.Module):
-    """normalize -> body (pooled features, shape (B, D)) -> head (nn.Linear)."""
-
-    def __init__(self, body: nn.Module, head: nn.Linear, normalize: Normalize):
-        super().__init__()
-        self.normalize = normalize
-        self.body = body
-        self.head = head
-
-    @property
-    def num_features(self) -> int:
-        return self.head.in_features
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.normalize(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+from rftbench.classifier import HEAD_ORIGINS, IMAGENET_MEAN, IMAGENET_STD, Classifier, Normalize  # noqa: F401
 
 
 def _split_timm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:

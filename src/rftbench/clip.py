@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from rftbench.backbones import Classifier, Normalize
+from rftbench.classifier import Classifier, Normalize
 from rftbench.data.base import Suite
 
 TEMPLATES = {"openai": open_clip.OPENAI_IMAGENET_TEMPLATES, "simple": open_clip.SIMPLE_IMAGENET_TEMPLATES}
@@ -143,8 +143,9 @@ def build_model(b: DictConfig, suite: Suite, head_init: str, seed: int,
     model = image_classifier(full, b.arch, suite.num_classes, mean, std)
     if head_init == "zeroshot":
         model.head = zeroshot_head(full, b.arch, names, templates, device)
-        model.zeroshot_head = True
+        model.head_origin = "zeroshot"
     else:
         torch.manual_seed(seed)
         model.head = nn.Linear(model.num_features, suite.num_classes)
+        model.head_origin = "random"
     return model.cpu()

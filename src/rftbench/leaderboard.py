@@ -2,8 +2,9 @@
 trial seeds and their number, written as CSV (the contract), Markdown and LaTeX, plus plots.
 
 - Runs that differ in more than the trial seed (swept hyper-parameters, `hp_seed` draws) are
-  separate variants; each row is the variant with the best mean validation accuracy
-  (`chosen/val_acc`), and `leaderboard_variants.csv` lists them all.
+  separate variants; each row is the variant with the best mean validation accuracy (`val_acc`,
+  every method's `Adapted.val_acc`; `rftbench.selection`: ties -> more seeds, then the variant id),
+  and `leaderboard_variants.csv` lists them all.
 - Effective robustness: OOD mean accuracy minus the logit-linear fit over the suite's baseline runs
   (`--baselines`); the fits and their baseline runs are in `effective_robustness.csv`.
 - `<column>_within_noise`: the row's mean is within the standard error of its difference from the
@@ -25,9 +26,11 @@ import pandas as pd
 import yaml
 
 from rftbench import plots
+from rftbench.identity import NOT_WORK, variant_id
 from rftbench.metrics import LogitFit, effective_robustness
 from rftbench.results import load_metrics, run_folders
-from rftbench.utils import stable_hash, write_text_atomic
+from rftbench.selection import select
+from rftbench.utils import write_text_atomic
 
 log = logging.getLogger("rftbench")
 KEYS = ["suite", "backbone", "method"]
@@ -54,9 +57,9 @@ DIRECTION = {"id_test_acc": 1, "ood_mean_acc": 1, "ood_worst_acc": 1, "ood_domai
              "robust_acc": 1, "effective_robustness": 1, "ece": -1, "nll": -1}
 SHOWN = [*list(HEADLINE)[:6], "effective_robustness", *list(HEADLINE)[6:]]
 BASELINES = ("zeroshot", "lp", "ft")
-SELECT_BY = "chosen/val_acc"
-# config keys that are not hyper-parameters of a variant (rftbench.run.COSMETIC plus the trial seed)
-NOT_VARIANT = ("paths", "device", "num_workers", "threads", "tracking", "launcher", "seed")
+SELECT_BY = "val_acc"  # the runner's ("-", "val_acc") row: Adapted.val_acc
+# config keys that are not hyper-parameters of a variant: those that do not change the work, and the trial seed
+NOT_VARIANT = (*NOT_WORK, "seed")
 
 
 def run_variants(runs_root: str | Path) -> dict[str, str]:
@@ -65,11 +68,7 @@ def run_variants(runs_root: str | Path) -> dict[str, str]:
     out = {}
     for folder in run_folders(runs_root):
         if (folder / "done").exists():
-            cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            for key in NOT_VARIANT:
-                cfg.pop(key, None)
-            (cfg.get("eval") or {}).pop("batch_size", None)
-            out[folder.name] = stable_hash(cfg, length=8)
+            out[folder.name] = variant_id(yaml.safe_load((folder / "config.yaml").read_text()) or {})
     return out
 
 
@@ -114,6 +113,10 @@ def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd
             else:
                 sel = g[(g["split"] == split) & (g["metric"] == metric)]
             rec[col] = sel["value"].mean() if len(sel) else np.nan
+        sel = g[(g["split"] == "-") & (g["metric"] == SELECT_BY)]
+        if not len(sel):  # runs recorded before the explicit field: their `chosen/val_acc` row
+            sel = g[(g["split"] == "-") & (g["metric"] == f"chosen/{SELECT_BY}")]
+        rec[SELECT_BY] = sel["value"].mean() if len(sel) else np.nan
         for _, r in g[g["metric"].str.startswith("chosen/")].iterrows():
             rec[r["metric"]] = r["value"]
         out[run_id] = rec
@@ -164,13 +167,15 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
 
 def select_variants(variants: pd.DataFrame) -> pd.DataFrame:
     """One row per (suite, backbone, method): the variant with the best mean validation accuracy
-    (ties and missing values: more seeds, then the variant id); `n_variants` says how many there were."""
+    (`rftbench.selection`; candidates ordered by more seeds, then the variant id, so ties and missing
+    values go to the first); `n_variants` says how many there were."""
     if variants.empty:
         return variants.assign(n_variants=pd.Series(dtype=int))
     val = variants[SELECT_BY] if SELECT_BY in variants else pd.Series(np.nan, index=variants.index)
-    order = variants.assign(_val=val.fillna(-np.inf)).sort_values(
-        KEYS + ["_val", "n_seeds", "variant"], ascending=[True] * len(KEYS) + [False, False, True])
-    best = order.groupby(KEYS, sort=True).head(1).drop(columns="_val")
+    order = variants.assign(_val=val).sort_values(KEYS + ["n_seeds", "variant"],
+                                                  ascending=[True] * len(KEYS) + [False, True])
+    chosen = [select(list(g.index), list(g["_val"])) for _, g in order.groupby(KEYS, sort=True)]
+    best = order.loc[chosen].drop(columns="_val")
     counts = variants.groupby(KEYS).size().rename("n_variants").reset_index()
     return best.merge(counts, on=KEYS).reset_index(drop=True)
 

@@ -8,63 +8,19 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from hydra import initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict, read_write
 
-from rftbench.results import RunFolder, load_metrics
-from rftbench.run import CONFIG_DIR, run_folder
-from rftbench.sweep import sample_hparams
+from rftbench.identity import CONFIG_DIR
+from rftbench.results import load_metrics
+from rftbench.sweep import Job, error_line, expand  # noqa: F401 (Job: the rows' type)
 
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 STATUSES = ("done", "failed", "running", "incomplete", "pending")
 COST_METRICS = ("adapt_time_s", "eval_time_s")
-
-
-@dataclass
-class Job:
-    overrides: list[str]
-    cfg: DictConfig
-    folder: RunFolder
-
-
-def expand(master: DictConfig, loader) -> list[Job]:
-    """The jobs of a multirun, composed exactly as the basic sweeper and the launchers compose
-    them (sweeper params + command-line overrides; the task config without `hydra`)."""
-    params = master.hydra.sweeper.get("params") or {}
-    args = [f"{k}={v}" for k, v in params.items()] + list(master.hydra.overrides.task)
-    parsed = OverridesParser.create(config_loader=loader).parse_overrides(args)
-    jobs = []
-    for overrides in BasicSweeper.split_arguments(parsed, None)[0]:
-        cfg = loader.load_sweep_config(master, list(overrides))
-        with read_write(cfg), open_dict(cfg):
-            del cfg["hydra"]
-        cfg = sample_hparams(cfg)
-        jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
-    return jobs
-
-
-def status(folder: RunFolder) -> str:
-    """done | failed | running (a live process holds its lock) | incomplete (interrupted) | pending."""
-    if folder.done:
-        return "done"
-    if folder.path.exists() and folder.lock_owner() is not None:
-        return "running"
-    return folder.status
-
-
-def error_line(folder: RunFolder) -> str:
-    try:
-        return (folder.path / "error.txt").read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def run_costs(roots: list[Path]) -> pd.DataFrame:
@@ -112,7 +68,7 @@ def plan(overrides: list[str], config_dir: str = CONFIG_DIR) -> pd.DataFrame:
     rows = []
     for i, (job, vary) in enumerate(zip(jobs, varying(jobs))):
         c = job.folder.columns
-        st = status(job.folder)
+        st = job.folder.status
         own = costs[costs["run_id"] == job.folder.run_id]
         cost, basis = ((float(own["seconds"].iloc[0]), "measured") if st == "done" and len(own)
                        else estimate(costs, c["suite"], c["backbone"], c["method"]))

@@ -175,8 +175,11 @@ class RunFolder:
 
     @property
     def status(self) -> str:
+        """done | running (a live process holds its lock) | failed | incomplete (interrupted) | pending."""
         if self.done:
             return "done"
+        if self.path.exists() and self.lock_owner() is not None:
+            return "running"
         if (self.path / "error.txt").exists():
             return "failed"
         return "incomplete" if self.path.exists() else "pending"

@@ -21,35 +21,14 @@ from rftbench import sweep, tracking
 from rftbench.backbones import Classifier, create_backbone
 from rftbench.data.base import Suite
 from rftbench.evaluate import evaluate, row
-from rftbench.methods.base import Adapted
-from rftbench.results import RunFolder, environment
+from rftbench.identity import CONFIG_DIR, run_folder, run_id, start_spec  # noqa: F401 (the runner's API)
+from rftbench.methods.base import Adapted, validate
+from rftbench.results import environment
 from rftbench.train import RunContext, count_params
-from rftbench.utils import apply_threads, resolve_device, seed_everything, stable_hash
+from rftbench.utils import apply_threads, resolve_device, seed_everything
 
 log = logging.getLogger("rftbench")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-# Keys that do not change the work a run does: left out of the run id.
-COSMETIC = ("paths", "device", "num_workers", "threads", "tracking", "launcher")
 HEAD_INITS = ("auto", "zeroshot", "random")
-
-
-def run_id(cfg: DictConfig) -> str:
-    """Hash of the resolved config minus cosmetic keys: the same id means the same work."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in COSMETIC:
-        resolved.pop(key, None)
-    resolved.get("eval", {}).pop("batch_size", None)
-    return stable_hash(resolved)
-
-
-def start_spec(cfg: DictConfig) -> dict:
-    """What defines a run's starting point (backbone, suite, seed): the key of shared artifacts."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {k: resolved[k] for k in ("backbone", "suite", "seed")}
-
-
-def run_folder(cfg: DictConfig) -> RunFolder:
-    return RunFolder(cfg.paths.runs, cfg.suite.name, cfg.backbone.name, cfg.method.name, run_id(cfg))
 
 
 def call(node: DictConfig, **kwargs):
@@ -95,12 +74,13 @@ def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:
             head.weight.copy_(model.head.weight[suite.upstream_classes])
             head.bias.copy_(model.head.bias[suite.upstream_classes])
         model.head = head
-        model.zeroshot_head = True
+        model.head_origin = "zeroshot"
     else:
         model = create_backbone(num_classes=_upstream_size(checkpoint) if checkpoint else 1000,
                                 checkpoint=checkpoint, **spec)
         torch.manual_seed(cfg.seed)
         model.head = torch.nn.Linear(model.num_features, suite.num_classes)
+        model.head_origin = "random"
     return ctx.prepare(model)
 
 
@@ -138,32 +118,39 @@ def execute(cfg: DictConfig) -> str:
         seed_everything(cfg.seed)
         suite = build_suite(cfg, ctx)
         model = build_model(cfg, suite, ctx)
-        n_params = count_params(model)
+        n_params, head_origin = count_params(model), model.head_origin
         adapt = instantiate(cfg.method.adapt)
         seed_everything(cfg.seed)
         if ctx.cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        adapted: Adapted = adapt(model=model, suite=suite, ctx=ctx)
-        # a reused cached training counts with the time it took when it ran; oracle (test) sweeps,
-        # analysis only, do not count
-        adapt_time = (time.perf_counter() - t0 + adapted.info.get("cached_train_time_s", 0.0)
-                      - adapted.info.get("oracle_time_s", 0.0))
+        adapted: Adapted = validate(adapt(model=model, suite=suite, ctx=ctx), cfg.method.name)
+        # a reused cached training counts with the time it took when it ran
+        adapt_time = time.perf_counter() - t0 + adapted.reused_time_s
+        tables = dict(adapted.tables)
+        if adapted.analysis is not None:  # oracle analysis: after the choice, test splits allowed
+            extra_tables, extra_rows = adapted.analysis(suite)
+            tables.update(extra_tables)
+            adapted.rows = [*adapted.rows, *extra_rows]
         rows = evaluate(adapted.model, suite, ctx, OmegaConf.to_container(cfg.eval, resolve=True))
-        rows += [row("-", "trainable_params", adapted.trainable_params),
+        rows += [row("-", "val_acc", adapted.val_acc),
+                 row("-", "trainable_params", adapted.trainable_params),
                  row("-", "trainable_frac", adapted.trainable_params / max(n_params, 1)),
                  row("-", "adapt_time_s", adapt_time),
+                 row("-", "train_time_s", adapted.train_time_s),
                  row("-", "n_train", len(suite.train))]
         if ctx.cuda:
             rows.append(row("-", "peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30))
         rows += adapted.rows
         rows += [row("-", f"chosen/{k}", v) for k, v in adapted.info.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for name, table in adapted.tables.items():
+        for name, table in tables.items():
             folder.write_table(f"{name}.csv", table)
-        folder.write_json("info.json", {"info": adapted.info, "suite": suite.meta,
+        folder.write_json("info.json", {"info": adapted.info, "suite": suite.meta, "val_acc": adapted.val_acc,
                                         "trainable_params": adapted.trainable_params,
-                                        "total_params": n_params, "adapt_time_s": adapt_time})
+                                        "total_params": n_params, "adapt_time_s": adapt_time,
+                                        "train_time_s": adapted.train_time_s,
+                                        "reused_time_s": adapted.reused_time_s, "head_origin": head_origin})
         folder.write_metrics(rows, cfg.seed)
         folder.write_json("env.json", environment(str(device), threads))
         tracking.log_run(cfg, folder)

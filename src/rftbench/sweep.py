@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 import numpy as np
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from rftbench.results import RunBusy
+from rftbench.identity import run_folder
+from rftbench.results import RunBusy, RunFolder
 from rftbench.utils import available_cores, stable_hash, write_text_atomic
 
 log = logging.getLogger("rftbench")
@@ -31,6 +34,7 @@ DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
 # what happened to a job of a sweep; the sweep fails (exit code 1) on `failed` or `incomplete`
 OUTCOMES = ("done", "skipped", "failed", "busy", "incomplete")
 LAST: Summary | None = None  # the summary of the last multirun of this process
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def gpu_count() -> int:
@@ -151,6 +155,36 @@ def run_task(cfg: DictConfig, execute: Callable[[DictConfig], str]) -> str:
 
 
 @dataclass
+class Job:
+    overrides: list[str]
+    cfg: DictConfig
+    folder: RunFolder
+
+
+def expand(master: DictConfig, loader) -> list[Job]:
+    """The jobs of a multirun, composed exactly as the basic sweeper and the launchers compose
+    them (sweeper params + command-line overrides; the task config without `hydra`)."""
+    params = master.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(master.hydra.overrides.task)
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(args)
+    jobs = []
+    for overrides in BasicSweeper.split_arguments(parsed, None)[0]:
+        cfg = loader.load_sweep_config(master, list(overrides))
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+        cfg = sample_hparams(cfg)
+        jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
+    return jobs
+
+
+def error_line(folder: RunFolder) -> str:
+    try:
+        return (folder.path / "error.txt").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+@dataclass
 class Summary:
     """The jobs of a finished sweep: each with its overrides, run folder and outcome."""
 
@@ -175,7 +209,7 @@ class Summary:
 
 
 def outcome(before: str, after: str) -> str:
-    """A job's outcome from its run folder status before and after the sweep (rftbench.plan.status):
+    """A job's outcome from its run folder status before and after the sweep (`RunFolder.status`):
     skipped (done before), done (finished during the sweep, by it or a concurrent process), failed,
     busy (another process is still computing it), incomplete (did not finish)."""
     if before == "done":
@@ -197,28 +231,24 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.global_hydra import GlobalHydra
 
-        from rftbench.plan import BASIC_SWEEPER, expand, status
-
         global LAST
         LAST = None
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
             log.info("sweep summary: only for Hydra's basic sweeper")
             return
         try:
-            self.jobs = [(job, status(job.folder)) for job in expand(config, GlobalHydra.instance().config_loader())]
+            self.jobs = [(job, job.folder.status) for job in expand(config, GlobalHydra.instance().config_loader())]
         except Exception as exc:  # a job whose config cannot be made: stop before launching anything
             raise SystemExit(f"cannot plan the sweep: {type(exc).__name__}: {exc}") from exc
         log.info("sweep: %d jobs, %d already done", len(self.jobs), sum(s == "done" for _, s in self.jobs))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from rftbench.plan import error_line, status
-
         global LAST
         if self.jobs is None:
             return
         jobs = []
         for job, before in self.jobs:
-            after = status(job.folder)
+            after = job.folder.status
             rec = {"overrides": job.overrides, "folder": str(job.folder.path), "run_id": job.folder.run_id,
                    "before": before, "after": after, "outcome": outcome(before, after)}
             if rec["outcome"] == "failed":

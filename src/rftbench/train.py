@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rftbench.data.base import Split, batches
+from rftbench.selection import Running
 
 log = logging.getLogger("rftbench")
 
@@ -71,12 +72,13 @@ def set_bn_eval(model: nn.Module) -> nn.Module:
     return model
 
 
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_params(params: nn.Module | Iterable[torch.Tensor], *, trainable: bool = False) -> int:
+    """The one parameter count: the elements of a module's parameters (or of a list of tensors or
+    optimizer parameter groups), only those that require grad when `trainable`."""
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    flat = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    return sum(t.numel() for t in flat if t.requires_grad or not trainable)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict | None, epochs: int, steps_per_epoch: int):
@@ -122,14 +124,17 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimizer: Callable,
         epochs: int, batch_size: int, scheduler: dict | None = None, params: list | None = None,
-        exclude: Iterable[nn.Parameter] = (), loss_fn: Callable | None = None,
+        checkpoint_key: str | None, exclude: Iterable[nn.Parameter] = (), loss_fn: Callable | None = None,
         forward: Callable | None = None, bn_eval: bool = False, label_smoothing: float = 0.0,
         select: str = "val") -> FitResult:
-    """Train `params` (default: every parameter that requires grad) and keep the best val epoch.
+    """Train `params` (default: every parameter that requires grad) and keep the best val epoch
+    (`rftbench.selection`: ties -> the earlier epoch).
 
-    `forward(model, x)` returns what `loss_fn(out, y)` consumes (default: logits and cross-entropy);
-    `bn_eval` keeps BatchNorm statistics frozen (frozen-backbone methods); `select="last"` keeps the
-    final epoch instead of the best val epoch.
+    `checkpoint_key` names this training's per-epoch checkpoints in the run folder (unique within a
+    run, e.g. "ft" or "rws-expert-fog"; None: no checkpoints), so that a requeued attempt of the run
+    continues it. `forward(model, x)` returns what `loss_fn(out, y)` consumes (default: logits and
+    cross-entropy); `bn_eval` keeps BatchNorm statistics frozen (frozen-backbone methods);
+    `select="last"` keeps the final epoch instead of the best val epoch.
     """
     if select not in ("val", "last"):
         raise ValueError(f"select must be 'val' or 'last', got {select!r}")
@@ -141,20 +146,16 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     opt = build_optimizer(optimizer, params, exclude)
     steps = math.ceil(len(train) / batch_size)
     sched = make_scheduler(opt, scheduler, epochs, steps)
-    best_state, best_acc, best_epoch, history = None, -1.0, 0, []
+    best, history = Running(), []
     t0, first, spent = time.perf_counter(), 1, 0.0
-    # Per-epoch checkpoints in the run folder, so that a requeued attempt of the run continues: the
-    # n-th fit of an attempt resumes the n-th fit of the last one when it starts from the same weights.
     ckpt = None
-    if ctx.run_dir is not None:
+    if ctx.run_dir is not None and checkpoint_key is not None:
         from rftbench.results import CHECKPOINTS
         from rftbench.utils import atomic_path, stable_hash, tensor_digest
 
-        n_fit = vars(ctx)["_fit_calls"] = vars(ctx).get("_fit_calls", 0) + 1
-        # keyed by call order, starting weights and data: fits from the same start on other data
-        # (e.g. RWS experts) never resume each other's checkpoint
+        # keyed by name, starting weights and data: a checkpoint only resumes the very same training
         data = stable_hash([train.name, len(train), val.name, len(val)], length=8)
-        ckpt = Path(ctx.run_dir) / CHECKPOINTS / f"fit{n_fit}-{tensor_digest(*model.state_dict().values())}-{data}.pt"
+        ckpt = Path(ctx.run_dir) / CHECKPOINTS / f"{checkpoint_key}-{tensor_digest(*model.state_dict().values())}-{data}.pt"
         saved = None
         if ckpt.exists():
             try:
@@ -165,7 +166,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
-            best_state, best_acc, best_epoch = saved["best_state"], saved["best_acc"], saved["best_epoch"]
+            best = Running(saved["best_epoch"], saved["best_acc"], saved["best_state"], saved["epoch"])
             history, first, spent = saved["history"], saved["epoch"] + 1, saved["train_time_s"]
             torch.set_rng_state(saved["rng"].cpu())
             if ctx.cuda and "cuda_rng" in saved:
@@ -196,12 +197,14 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
         history.append({"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc,
                         "lr": opt.param_groups[0]["lr"]})
         log.info("epoch %d/%d  loss %.4f  val_acc %.4f", epoch, epochs, train_loss, val_acc)
-        if select == "last" or val_acc > best_acc:
-            best_acc, best_epoch, best_state = val_acc, epoch, _state_copy(model)
+        if select == "last":
+            best = Running(epoch, val_acc, _state_copy(model), epoch)
+        elif best.offer(epoch, val_acc):
+            best.payload = _state_copy(model)
         if ckpt is not None:
             state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "best_state": best_state, "best_acc": best_acc,
-                     "best_epoch": best_epoch, "history": history, "rng": torch.get_rng_state(),
+                     "scheduler": sched.state_dict(), "best_state": best.payload, "best_acc": best.score,
+                     "best_epoch": best.candidate, "history": history, "rng": torch.get_rng_state(),
                      "train_time_s": spent + time.perf_counter() - t0}
             if ctx.cuda:
                 state["cuda_rng"] = torch.cuda.get_rng_state()
@@ -211,9 +214,9 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             except Exception as exc:  # never fail a run for its checkpoint
                 log.warning("cannot save %s (%s); continuing without checkpoints", ckpt, exc)
                 ckpt = None
-    model.load_state_dict(best_state)
+    model.load_state_dict(best.payload)
     model.eval()
-    return FitResult(best_epoch, best_acc, history, spent + time.perf_counter() - t0, opt)
+    return FitResult(best.candidate, best.score, history, spent + time.perf_counter() - t0, opt)
 
 
 @torch.no_grad()
@@ -249,36 +252,62 @@ class ProbeResult:
     best_epoch: int
 
 
-def fit_probe(train_feats: torch.Tensor, train_y: torch.Tensor, val_feats: torch.Tensor,
-              val_y: torch.Tensor, num_classes: int, *, init: nn.Linear | None = None, lr: float = 1e-3,
-              epochs: int = 20, batch_size: int = 32, warmup_epochs: int = 1, decay_epoch: int = 10,
-              weight_decay: float = 0.0, seed: int = 0) -> ProbeResult:
-    """Linear probe on cached features, the CT paper's recipe: Adam, 1 warm-up epoch, lr x0.1 after
-    `decay_epoch`, best epoch by val accuracy. Runs on whatever device the features are on."""
+def fit_probes(train_feats: torch.Tensor, train_y: torch.Tensor, val_feats: torch.Tensor,
+               val_y: torch.Tensor, num_classes: int, *, init: nn.Linear | None = None, lr: float = 1e-3,
+               epochs: int = 20, batch_size: int = 32, warmup_epochs: int = 1, decay_epoch: int = 10,
+               weight_decay: float = 0.0, seed: int = 0) -> list[ProbeResult]:
+    """K linear probes trained at once, one per feature set: `train_feats` (K, N, D) and `val_feats`
+    (K, Nv, D) share the labels. The CT paper's recipe: Adam, `warmup_epochs` of linear warm-up, lr
+    x0.1 after `decay_epoch`, best epoch by val accuracy (`rftbench.selection`, ties -> the earlier
+    epoch), every probe starting from `init` (default: a fresh nn.Linear) and seeing the same batches.
+
+    The heads are stacked (K, C, D) and trained by one optimizer; the loss is the sum of the K
+    probes' mean cross-entropies, so each probe's gradient, Adam update and chosen epoch are those
+    of training it alone (`fit_probe` is this with K = 1). Runs on the features' device."""
+    if train_feats.dim() != 3 or val_feats.dim() != 3 or len(train_feats) != len(val_feats):
+        raise ValueError("fit_probes needs (K, N, D) train and val features with the same K")
     dev = train_feats.device
-    head = copy.deepcopy(init) if init is not None else nn.Linear(train_feats.shape[1], num_classes)
-    head = head.to(dev).float().train().requires_grad_(True)
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(train_feats)
+    k, n, d = train_feats.shape
+    head = copy.deepcopy(init) if init is not None else nn.Linear(d, num_classes)
+    head = head.to(dev).float()
+    weight = head.weight.detach().expand(k, -1, -1).clone().requires_grad_(True)   # (K, C, D)
+    bias = head.bias.detach().expand(k, -1).clone().requires_grad_(True)            # (K, C)
+    opt = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
     steps = math.ceil(n / batch_size)
     sched = make_scheduler(opt, {"name": "step", "warmup_epochs": warmup_epochs,
                                  "milestones": [decay_epoch], "gamma": 0.1}, epochs, steps)
     gen = torch.Generator().manual_seed(seed)
-    best = (-1.0, 0, None)
+    best = [Running() for _ in range(k)]
     for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=gen).to(dev)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            loss = F.cross_entropy(head(train_feats[idx]), train_y[idx])
+            logits = torch.baddbmm(bias.unsqueeze(1), train_feats[:, idx], weight.transpose(1, 2))
+            loss = F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].repeat(k),
+                                   reduction="sum") / len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         with torch.no_grad():
-            acc = (head(val_feats).argmax(1) == val_y).float().mean().item()
-        if acc > best[0]:
-            best = (acc, epoch, copy.deepcopy(head.state_dict()))
+            pred = torch.baddbmm(bias.unsqueeze(1), val_feats, weight.transpose(1, 2)).argmax(2)
+            accs = (pred == val_y).float().mean(1).tolist()
+        for j, acc in enumerate(accs):
+            if best[j].offer(epoch, acc):
+                best[j].payload = (weight[j].detach().clone(), bias[j].detach().clone())
     if not math.isfinite(loss.item()):
         raise NonFiniteLossError("linear probe loss is not finite; lower probe.lr")
-    head.load_state_dict(best[2])
-    return ProbeResult(head.eval(), best[0], best[1])
+    out = []
+    for b in best:
+        h = copy.deepcopy(head)
+        with torch.no_grad():
+            h.weight.copy_(b.payload[0])
+            h.bias.copy_(b.payload[1])
+        out.append(ProbeResult(h.eval().requires_grad_(True), b.score, b.candidate))
+    return out
+
+
+def fit_probe(train_feats: torch.Tensor, train_y: torch.Tensor, val_feats: torch.Tensor,
+              val_y: torch.Tensor, num_classes: int, **recipe) -> ProbeResult:
+    """One linear probe on cached (N, D) features: `fit_probes` with K = 1 (same keywords)."""
+    return fit_probes(train_feats.unsqueeze(0), train_y, val_feats.unsqueeze(0), val_y, num_classes, **recipe)[0]

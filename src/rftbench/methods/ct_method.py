@@ -1,7 +1,8 @@
 """Curvature Tuning in the runner (docs/methods.md section 1): steering, trainable and robustness modes.
 
 - `adapt` (`method=ct`): frozen backbone, CT applied once; for every beta of the grid and beta = 1
-  (plain LP) a fresh linear probe on cached features (the `method=lp` recipe); beta chosen on val.
+  (plain LP) a fresh linear probe on cached features (the `method=lp` recipe, the probes of all
+  betas trained as one batched problem); beta chosen on val.
 - `adapt_trainable` (`method=ct_trainable`): per-channel trainable CT trained with the head, backbone
   weights and BatchNorm statistics frozen, epoch chosen on val.
 - `adapt_robust` (`method=ct_robust`): a classifier that already fits the task (e.g. a RobustBench
@@ -22,11 +23,11 @@
 
 The sweep table (`beta_sweep.csv`: beta, val_acc, test_acc, chosen, test_acc_selection; for
 `ct_robust` also val_objective, test_objective and per-threat robust accuracies) also holds each
-beta's test figures: analysis only (an oracle), computed after the choice and never used for it.
+beta's test figures: analysis only (an oracle), computed by the runner after `adapt` returns
+(`Adapted.analysis`), so they can never enter the choice.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -36,7 +37,6 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rftbench.backbones import Classifier
@@ -50,15 +50,8 @@ from rftbench.methods.ct import (
     mean_beta_coeff,
     set_beta,
 )
-from rftbench.train import (
-    NonFiniteLossError,
-    ProbeResult,
-    RunContext,
-    accuracy_on,
-    extract_features,
-    fit,
-    make_scheduler,
-)
+from rftbench.selection import select
+from rftbench.train import RunContext, accuracy_on, count_params, extract_features, fit, fit_probes
 
 log = logging.getLogger("rftbench")
 DECIMALS = 10  # grid values are rounded so that e.g. 0.70 + 3 * 0.01 == 0.73 exactly
@@ -84,68 +77,9 @@ def beta_grid(betas: Mapping | Sequence[float]) -> list[float]:
     return grid
 
 
-def choose(val_accs: dict[float, float]) -> float:
-    """The beta with the best val accuracy; ties go to the larger beta (closer to ReLU)."""
-    return max(val_accs, key=lambda b: (val_accs[b], b))
-
-
 def example_input(split: Split, ctx: RunContext) -> torch.Tensor:
     """Two images of `split` on the run's device (for the site checks of `apply_ct`)."""
     return next(batches(split, 2, device=ctx.device))[0]
-
-
-def fast_fit_probe(train_feats: torch.Tensor, train_y: torch.Tensor, val_feats: torch.Tensor,
-                   val_y: torch.Tensor, num_classes: int, *, init: nn.Linear | None = None, lr: float = 1e-3,
-                   epochs: int = 20, batch_size: int = 32, warmup_epochs: int = 1, decay_epoch: int = 10,
-                   weight_decay: float = 0.0, seed: int = 0) -> ProbeResult:
-    """`rftbench.train.fit_probe` (same arguments, same result: bit for bit on CPU) without autograd,
-    optimizer and scheduler overhead: the same kernels (linear, log-softmax, the cross-entropy
-    backward ops, Adam's single-tensor update on one flat weight+bias buffer) called directly."""
-    dev = train_feats.device
-    head = copy.deepcopy(init) if init is not None else nn.Linear(train_feats.shape[1], num_classes)
-    head = head.to(dev).float()
-    c, d = head.weight.shape
-    flat = torch.cat([head.weight.detach().flatten(), head.bias.detach()])
-    weight, bias = flat[:c * d].view(c, d), flat[c * d:]
-    grad = torch.empty_like(flat)
-    grad_weight, grad_bias = grad[:c * d].view(c, d), grad[c * d:]
-    exp_avg, exp_avg_sq = torch.zeros_like(flat), torch.zeros_like(flat)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as fit_probe uses them
-    n = len(train_feats)
-    steps = math.ceil(n / batch_size)
-    schedule = make_scheduler(torch.optim.Adam([torch.zeros(1)], lr=lr),
-                              {"name": "step", "warmup_epochs": warmup_epochs, "milestones": [decay_epoch],
-                               "gamma": 0.1}, epochs, steps).lr_lambdas[0]
-    one = torch.ones((), device=dev)
-    total_weight = {k: torch.full((), float(k), device=dev) for k in {batch_size, n - (steps - 1) * batch_size}}
-    gen = torch.Generator().manual_seed(seed)
-    best, step = (-1.0, 0, flat.clone()), 0
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(n, generator=gen).to(dev)
-        xs, ys = train_feats[order], train_y[order]
-        for start in range(0, n, batch_size):
-            xb, yb = xs[start:start + batch_size], ys[start:start + batch_size]
-            logp = torch.log_softmax(F.linear(xb, weight, bias), 1)
-            dlogp = torch.ops.aten.nll_loss_backward(one, logp, yb, None, 1, -100, total_weight[len(xb)])
-            dlogits = torch.ops.aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype)
-            torch.mm(dlogits.t(), xb, out=grad_weight)
-            torch.sum(dlogits, 0, out=grad_bias)
-            g = grad if weight_decay == 0 else grad.add(flat, alpha=weight_decay)
-            step_lr = lr * schedule(step)
-            step += 1
-            exp_avg.lerp_(g, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-            flat.addcdiv_(exp_avg, denom, value=-(step_lr / (1 - beta1 ** step)))
-        acc = (F.linear(val_feats, weight, bias).argmax(1) == val_y).float().mean().item()
-        if acc > best[0]:
-            best = (acc, epoch, flat.clone())
-    if not math.isfinite(F.nll_loss(logp, yb).item()):
-        raise NonFiniteLossError("linear probe loss is not finite; lower probe.lr")
-    with torch.no_grad():
-        head.weight.copy_(best[2][:c * d].view(c, d))
-        head.bias.copy_(best[2][c * d:])
-    return ProbeResult(head.eval(), best[0], best[1])
 
 
 @contextmanager
@@ -161,19 +95,29 @@ def cpu_threads(n: int, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def choose(val_accs: dict[float, float]) -> float:
+    """The beta with the best val accuracy (`rftbench.selection`, ties -> the larger beta, closer to
+    ReLU: candidates in descending order)."""
+    betas = sorted(val_accs, reverse=True)
+    return select(betas, [val_accs[b] for b in betas])
+
+
 def probe_sweep(ct_model: Classifier, suite: Suite, ctx: RunContext, grid: Sequence[float],
                 init: nn.Linear, probe_cfg: dict) -> tuple[dict[float, float], dict[float, tuple[nn.Linear, int]]]:
-    """For each beta: train and val features through `ct_model` (one pass each), a fresh probe from
-    `init` on them (`fast_fit_probe`: the method=lp probe). Reads train and val only. Returns
-    ({beta: val_acc}, {beta: (head, best_epoch)})."""
+    """For each beta: train and val features through `ct_model` (one pass each); then the probes of
+    all betas from `init` trained at once (`rftbench.train.fit_probes`: the method=lp probe, batched
+    over betas). Reads train and val only. Returns ({beta: val_acc}, {beta: (head, best_epoch)})."""
     ytr, yval = suite.train.labels.to(ctx.device), suite.val.labels.to(ctx.device)
-    val_accs, heads = {}, {}
+    ftr, fval = [], []
     for beta in grid:
         set_beta(ct_model, beta)
-        ftr = extract_features(ct_model, suite.train, ctx).to(ctx.device)
-        fval = extract_features(ct_model, suite.val, ctx).to(ctx.device)
-        with cpu_threads(1, ctx.device):
-            res = fast_fit_probe(ftr, ytr, fval, yval, suite.num_classes, init=init, seed=ctx.seed, **probe_cfg)
+        ftr.append(extract_features(ct_model, suite.train, ctx).to(ctx.device))
+        fval.append(extract_features(ct_model, suite.val, ctx).to(ctx.device))
+    with cpu_threads(1, ctx.device):
+        fitted = fit_probes(torch.stack(ftr), ytr, torch.stack(fval), yval, suite.num_classes, init=init,
+                            seed=ctx.seed, **probe_cfg)
+    val_accs, heads = {}, {}
+    for beta, res in zip(grid, fitted):
         val_accs[beta], heads[beta] = res.val_acc, (res.head, res.best_epoch)
         log.info("beta %.4g  val_acc %.4f (probe epoch %d)", beta, res.val_acc, res.best_epoch)
     return val_accs, heads
@@ -189,32 +133,39 @@ def model_sweep(ct_model: nn.Module, split: Split, ctx: RunContext, grid: Sequen
     return out
 
 
-def _sweep_result(ct_model: Classifier, suite: Suite, ctx: RunContext, val_accs: dict[float, float],
-                  heads: dict[float, nn.Linear] | None, oracle_test: bool) -> tuple[float, pd.DataFrame, list[dict]]:
-    """Choose beta on val; with `oracle_test`, each beta's ID test accuracy (analysis only). Leaves
-    `ct_model` at the chosen beta (with that beta's head when `heads` is given). Returns (beta,
-    sweep table, oracle rows)."""
+def _sweep_result(ct_model: Classifier, ctx: RunContext, val_accs: dict[float, float],
+                  heads: dict[float, nn.Linear] | None, oracle_test: bool):
+    """Choose beta on val and leave `ct_model` at it (with that beta's head when `heads` is given).
+    Returns (beta, sweep table, analysis): with `oracle_test`, the analysis (called by the runner
+    after adapt) adds each beta's ID test accuracy to the table and the oracle row."""
     best = choose(val_accs)
-    test_accs: dict[float, float] = {}
-    if oracle_test:
-        for beta in val_accs:
-            set_beta(ct_model, beta)
-            if heads is not None:
-                ct_model.head = heads[beta]
-            test_accs[beta] = accuracy_on(ct_model, suite["test"], ctx)
     set_beta(ct_model, best)
     if heads is not None:
         ct_model.head = heads[best]
     table = pd.DataFrame({"beta": list(val_accs), "val_acc": list(val_accs.values()),
-                          "test_acc": [test_accs.get(b, float("nan")) for b in val_accs],
-                          "chosen": [b == best for b in val_accs], "test_acc_selection": "oracle"})
-    rows = []
-    if test_accs:
-        oracle = max(test_accs, key=lambda b: (test_accs[b], b))
-        rows.append(row("test", "acc", test_accs[oracle], selection="oracle",
-                        detail=json.dumps({"knob": "beta", "beta": oracle})))
+                          "test_acc": float("nan"), "chosen": [b == best for b in val_accs],
+                          "test_acc_selection": "oracle"})
     log.info("chose beta %.4g (val_acc %.4f)", best, val_accs[best])
-    return best, table, rows
+
+    def analysis(suite: Suite) -> tuple[dict[str, pd.DataFrame], list[dict]]:
+        """Each beta's ID test accuracy (an oracle, analysis only); `ct_model` is restored."""
+        test_accs = {}
+        try:
+            for beta in val_accs:
+                set_beta(ct_model, beta)
+                if heads is not None:
+                    ct_model.head = heads[beta]
+                test_accs[beta] = accuracy_on(ct_model, suite["test"], ctx)
+        finally:
+            set_beta(ct_model, best)
+            if heads is not None:
+                ct_model.head = heads[best]
+        oracle = max(test_accs, key=lambda b: (test_accs[b], b))
+        full = table.assign(test_acc=[test_accs[b] for b in val_accs])
+        return {"beta_sweep": full}, [row("test", "acc", test_accs[oracle], selection="oracle",
+                                          detail=json.dumps({"knob": "beta", "beta": oracle}))]
+
+    return best, table, analysis if oracle_test else None
 
 
 def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, betas: Mapping | Sequence[float],
@@ -225,11 +176,10 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, betas: Mapping | 
     ct_model = apply_ct(model, grid[0], coeff, example_input=example_input(suite.train, ctx))
     val_accs, fitted = probe_sweep(ct_model, suite, ctx, grid, model.head, dict(probe_cfg or {}))
     heads = {b: h for b, (h, _) in fitted.items()}
-    best, table, rows = _sweep_result(ct_model, suite, ctx, val_accs, heads, oracle_test)
-    info = {"beta": best, "coeff": coeff, "ct_sites": ct_model.ct_sites, "val_acc": val_accs[best],
-            "probe_epoch": fitted[best][1]}
-    n = sum(p.numel() for p in ct_model.head.parameters())
-    return Adapted(ct_model.eval(), trainable_params=n, info=info, tables={"beta_sweep": table}, rows=rows)
+    best, table, analysis = _sweep_result(ct_model, ctx, val_accs, heads, oracle_test)
+    info = {"beta": best, "coeff": coeff, "ct_sites": ct_model.ct_sites, "probe_epoch": fitted[best][1]}
+    return Adapted(ct_model.eval(), val_acc=val_accs[best], trainable_params=count_params(ct_model.head),
+                   info=info, tables={"beta_sweep": table}, analysis=analysis)
 
 
 SELECTS = ("robust", "corruption", "clean")
@@ -321,7 +271,7 @@ def adapt_robust(model: Classifier, suite: Suite, ctx: RunContext, *, betas: Map
     `select` objective on val (see the module docstring; ties -> larger beta); no training.
     `val_attack` (select=robust): {n, tier, seed, threats: [{norm, eps}], n_iter, n_target_classes,
     batch_size}."""
-    if not getattr(model, "zeroshot_head", False):
+    if model.head_origin != "zeroshot":
         raise ValueError(
             "method=ct_robust needs a classifier that already fits the task (the pre-trained head, "
             "suite.head_init=auto or zeroshot, with a backbone trained on the suite's classes); "
@@ -341,37 +291,45 @@ def adapt_robust(model: Classifier, suite: Suite, ctx: RunContext, *, betas: Map
         val = beta_sweep(ct_model, grid, select_objective(select, suite, ctx, val_attack, "val"))
     select_time = time.perf_counter() - t0
     best = choose({b: v["objective"] for b, v in val.items()})
+    set_beta(ct_model, best)
     log.info("chose beta %.4g (select=%s, val objective %.4f, val_acc %.4f, %.1fs)", best, select,
              val[best]["objective"], val_accs[best], select_time)
 
-    t1, test, rows = time.perf_counter(), {}, []
-    if oracle_test:  # analysis only, after the choice
-        test_accs = model_sweep(ct_model, suite["test"], ctx, grid)
-        measure = None if select == "clean" else select_objective(select, suite, ctx, val_attack, "test")
-        test = beta_sweep(ct_model, grid, measure) if measure else {b: {"objective": a} for b, a in test_accs.items()}
+    def sweep_table(test: dict[float, dict]) -> pd.DataFrame:
+        return pd.DataFrame({
+            "beta": grid, "val_acc": [val_accs[b] for b in grid],
+            "test_acc": [test.get(b, {}).get("acc", float("nan")) for b in grid],
+            "val_objective": [val[b]["objective"] for b in grid],
+            "test_objective": [test.get(b, {}).get("objective", float("nan")) for b in grid],
+            **{f"val_{k}": [val[b][k] for b in grid] for k in val[grid[0]] if k != "objective"},
+            **{f"test_{k}": [test.get(b, {}).get(k, float("nan")) for b in grid]
+               for k in val[grid[0]] if k != "objective"},
+            "chosen": [b == best for b in grid], "select": select, "test_acc_selection": "oracle"})
+
+    def analysis(suite: Suite) -> tuple[dict[str, pd.DataFrame], list[dict]]:
+        """Each beta's test accuracy and test objective (oracle, analysis only); beta restored."""
+        try:
+            test_accs = model_sweep(ct_model, suite["test"], ctx, grid)
+            measure = None if select == "clean" else select_objective(select, suite, ctx, val_attack, "test")
+            test = (beta_sweep(ct_model, grid, measure) if measure
+                    else {b: {"objective": a} for b, a in test_accs.items()})
+        finally:
+            set_beta(ct_model, best)
         for b in grid:
             test[b] = {"acc": test_accs[b], **test[b]}
+        rows = []
         for metric, key in (("acc", "acc"), ("select_objective", "objective")):
             oracle = max(grid, key=lambda b: (test[b][key], b))
             rows.append(row("test" if metric == "acc" else "-", metric, test[oracle][key], selection="oracle",
                             detail=json.dumps({"knob": "beta", "beta": oracle, "select": select})))
-    set_beta(ct_model, best)
-    table = pd.DataFrame({
-        "beta": grid, "val_acc": [val_accs[b] for b in grid],
-        "test_acc": [test.get(b, {}).get("acc", float("nan")) for b in grid],
-        "val_objective": [val[b]["objective"] for b in grid],
-        "test_objective": [test.get(b, {}).get("objective", float("nan")) for b in grid],
-        **{f"val_{k}": [val[b][k] for b in grid] for k in val[grid[0]] if k != "objective"},
-        **{f"test_{k}": [test.get(b, {}).get(k, float("nan")) for b in grid] for k in val[grid[0]] if k != "objective"},
-        "chosen": [b == best for b in grid], "select": select, "test_acc_selection": "oracle"})
+        return {"beta_sweep": sweep_table(test)}, rows
+
     info = {"beta": best, "coeff": coeff, "ct_sites": ct_model.ct_sites, "select": select,
-            "select_objective": val[best]["objective"], "val_acc": val_accs[best], "select_time_s": select_time,
-            "n_betas": len(grid)}
+            "select_objective": val[best]["objective"], "select_time_s": select_time, "n_betas": len(grid)}
     if select == "robust":
         info["select_n"] = int(val_attack["n"])
-    if oracle_test:
-        info["oracle_time_s"] = time.perf_counter() - t1
-    return Adapted(ct_model.eval(), trainable_params=0, info=info, tables={"beta_sweep": table}, rows=rows)
+    return Adapted(ct_model.eval(), val_acc=val_accs[best], trainable_params=0, info=info,
+                   tables={"beta_sweep": sweep_table({})}, analysis=analysis if oracle_test else None)
 
 
 def adapt_trainable(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callable, epochs: int,
@@ -388,9 +346,10 @@ def adapt_trainable(model: Classifier, suite: Suite, ctx: RunContext, *, optimiz
     milestone = max(1, round(epochs * decay_at))
     res = fit(ct_model, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs,
               batch_size=batch_size, params=[{"params": ct_params, "lr": ct_lr}, {"params": head}],
-              scheduler={"name": "step", "milestones": [milestone], "gamma": gamma}, bn_eval=True)
+              scheduler={"name": "step", "milestones": [milestone], "gamma": gamma}, bn_eval=True,
+              checkpoint_key="ct_trainable")
     mean_beta, mean_coeff = mean_beta_coeff(ct_model)
     info = {"mean_beta": mean_beta, "mean_coeff": mean_coeff, "ct_sites": ct_model.ct_sites,
-            "val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "train_time_s": res.train_time_s}
-    n = sum(p.numel() for p in [*ct_params, *head])
-    return Adapted(ct_model.eval(), trainable_params=n, info=info, tables={"history": pd.DataFrame(res.history)})
+            "best_epoch": res.best_epoch}
+    return Adapted(ct_model.eval(), val_acc=res.best_val_acc, trainable_params=count_params([*ct_params, *head]),
+                   train_time_s=res.train_time_s, info=info, tables={"history": pd.DataFrame(res.history)})

@@ -25,7 +25,7 @@ def gammas(model: Classifier, optimizer: FTPAdamW | FTPSGD) -> pd.DataFrame:
 
 
 def adapt(model: Classifier, suite: Suite, ctx: RunContext, **recipe) -> Adapted:
-    adapted, res = finetune(model, suite, ctx, exclude_head=True, **recipe)
+    adapted, res = finetune(model, suite, ctx, checkpoint_key="ftp", exclude_head=True, **recipe)
     if not isinstance(res.optimizer, (FTPAdamW, FTPSGD)):
         raise ValueError("method=ftp needs method.adapt.optimizer to be rftbench.methods.ftp.FTPAdamW or FTPSGD")
     table = gammas(model, res.optimizer)

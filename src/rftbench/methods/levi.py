@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rftbench.backbones import Classifier
 from rftbench.data.base import Suite, batches
 from rftbench.methods.base import Adapted
-from rftbench.train import RunContext, fit
+from rftbench.train import RunContext, count_params, fit
 
 DEFAULT_TAPS = ("layer2", "layer3", "layer4")
 
@@ -44,11 +44,6 @@ def pool_tap(h: torch.Tensor) -> torch.Tensor:
     if h.dim() == 2:
         return h
     raise ValueError(f"cannot pool a tapped output of shape {tuple(h.shape)}")
-
-
-def num_params(module: nn.Module) -> int:
-    """Number of parameters of `module`."""
-    return sum(p.numel() for p in module.parameters())
 
 
 class AdaptingLayer(nn.Module):
@@ -102,7 +97,7 @@ class LEVI(nn.Module):
         self.taps = taps
         device = next(self.backbone.parameters()).device
         self.task_model = (task_model if task_model is not None else make_task_model()).to(device)
-        ratio = num_params(self.task_model) / num_params(self.backbone)
+        ratio = count_params(self.task_model) / count_params(self.backbone)
         if max_task_ratio is not None and ratio >= max_task_ratio:
             raise ValueError(
                 f"LEVI task model has {ratio:.3f}x the backbone's parameters; it must stay below "
@@ -173,10 +168,10 @@ class LEVI(nn.Module):
             "backbone_flops": backbone_flops,
             "levi_flops": levi_flops,
             "flop_ratio": levi_flops / backbone_flops,
-            "backbone_params": num_params(self.backbone),
-            "task_model_params": num_params(self.task_model),
-            "adapter_params": num_params(self.adapters),
-            "trainable_params": sum(p.numel() for p in self.trainable_parameters()),
+            "backbone_params": count_params(self.backbone),
+            "task_model_params": count_params(self.task_model),
+            "adapter_params": count_params(self.adapters),
+            "trainable_params": count_params(self.trainable_parameters()),
         }
 
 
@@ -204,10 +199,9 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, taps: Sequence[st
     params = levi.trainable_parameters()
     res = fit(levi, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
               scheduler=scheduler, params=params, forward=lambda m, x: m.forward_all(x),
-              loss_fn=lambda outs, y: levi_loss(outs, y, mean_weight))
+              loss_fn=lambda outs, y: levi_loss(outs, y, mean_weight), checkpoint_key="levi")
     cost = levi.extra_inference_cost(example[:1])
-    info = {"val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "train_time_s": res.train_time_s,
-            "flop_ratio": cost["flop_ratio"], "task_model_params": cost["task_model_params"],
-            "adapter_params": cost["adapter_params"]}
-    return Adapted(levi.eval(), trainable_params=sum(p.numel() for p in params), info=info,
-                   tables={"history": pd.DataFrame(res.history)})
+    info = {"best_epoch": res.best_epoch, "flop_ratio": cost["flop_ratio"],
+            "task_model_params": cost["task_model_params"], "adapter_params": cost["adapter_params"]}
+    return Adapted(levi.eval(), val_acc=res.best_val_acc, trainable_params=count_params(params),
+                   train_time_s=res.train_time_s, info=info, tables={"history": pd.DataFrame(res.history)})

@@ -21,7 +21,7 @@ from torch import nn
 from rftbench.backbones import Classifier
 from rftbench.data.base import Suite, batches
 from rftbench.methods.base import Adapted
-from rftbench.train import RunContext, fit
+from rftbench.train import RunContext, count_params, fit
 
 LORA_TARGET_TYPES: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 
@@ -187,10 +187,10 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, rank: int, alpha:
     lora = ctx.prepare(apply_lora(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets))
     example = next(batches(suite.train, 16, device=ctx.device))[0]
     adapted_layers = verify_lora_targets(lora, example)
-    n = sum(p.numel() for p in trainable_parameters(lora))
+    n = count_params(trainable_parameters(lora))
     res = fit(lora, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
-              scheduler=scheduler, params=trainable_parameters(lora), bn_eval=True)
-    info = {"val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "lora_layers": len(lora_layers(lora)),
-            "lora_layers_effective": len(adapted_layers), "rank": rank, "train_time_s": res.train_time_s}
-    return Adapted(ctx.prepare(merge_lora(lora)).eval(), trainable_params=n, info=info,
-                   tables={"history": pd.DataFrame(res.history)})
+              scheduler=scheduler, params=trainable_parameters(lora), bn_eval=True, checkpoint_key="lora")
+    info = {"best_epoch": res.best_epoch, "lora_layers": len(lora_layers(lora)),
+            "lora_layers_effective": len(adapted_layers), "rank": rank}
+    return Adapted(ctx.prepare(merge_lora(lora)).eval(), val_acc=res.best_val_acc, trainable_params=n,
+                   train_time_s=res.train_time_s, info=info, tables={"history": pd.DataFrame(res.history)})

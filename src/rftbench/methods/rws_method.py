@@ -11,8 +11,9 @@
 3. Patch target theta_std. Per corruption, the coefficient is swept over `coeffs` and chosen on
    `ood_val/<c>`; the composition gives every seen signature alpha / N, alpha swept over `alphas`
    and chosen on the mean `ood_val` accuracy over the seen corruptions. Ties go to the coefficient of
-   smallest magnitude (the least change to theta_std): our choice. The composed model is the one the
-   runner evaluates.
+   smallest magnitude (the least change to theta_std; `rftbench.selection`): our choice. The composed
+   model is the one the runner evaluates. Test-set numbers (oracle sweep columns, seen-corruption
+   test rows) are computed by the runner after the choices (`Adapted.analysis`).
 
 `bn` (recorded in the results):
 - `keep`: running statistics stay theta_std's; signatures include BatchNorm affine tensors.
@@ -31,8 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import pandas as pd
@@ -45,7 +45,7 @@ from rftbench.data.digits import balanced_subset, corrupt_split
 from rftbench.evaluate import row, split_rows
 from rftbench.methods import ft, rws
 from rftbench.methods.base import Adapted, cached_training, state_of
-from rftbench.results import CHECKPOINTS
+from rftbench.selection import select
 from rftbench.train import RunContext, accuracy_on, count_params, predict
 
 log = logging.getLogger("rftbench")
@@ -101,32 +101,20 @@ def train_experts(model: nn.Module, suite: Suite, ctx: RunContext, recipe: Mappi
     rows = []
 
     def record(name: str, select: str, res: Adapted) -> nn.Module:
-        cached = "cached_train_time_s" in res.info
         rows.append({"expert": name, "select": select, "best_epoch": res.info.get("best_epoch"),
-                     "select_acc": res.info.get("val_acc"), "cached": int(cached),
-                     "train_time_s": res.info.get("cached_train_time_s" if cached else "train_time_s")})
+                     "select_acc": res.val_acc, "cached": int(res.reused_time_s > 0),
+                     "train_time_s": res.train_time_s, "reused_time_s": res.reused_time_s})
         return res.model.eval()
 
-    clean = record("clean", "val", ft.cached_finetune(copy.deepcopy(model), suite, own(ctx, "clean"), **recipe))
+    clean = record("clean", "val", ft.cached_finetune(copy.deepcopy(model), suite, ctx, **recipe))
     robust = {}
     for c, train in train_sets.items():
         data = Suite(suite.name, suite.num_classes, {"train": train, "val": suite[f"ood_val/{c}"]},
                      suite.upstream_classes, suite.meta)
-        sub = own(ctx, c)
-        res = cached_training(copy.deepcopy(model), sub, robust_key(recipe, c, severity, seed),
-                              lambda m: ft.finetune(m, data, sub, **recipe)[0])
+        res = cached_training(copy.deepcopy(model), ctx, robust_key(recipe, c, severity, seed),
+                              lambda m: ft.finetune(m, data, ctx, checkpoint_key=f"rws-{c}", **recipe)[0])
         robust[c] = record(c, f"ood_val/{c}", res)
     return Experts(init, clean, robust, pd.DataFrame(rows))
-
-
-def own(ctx: RunContext, expert: str) -> RunContext:
-    """`ctx` with the expert's own folder for `fit`'s resume checkpoints (inside the run's, so they
-    are cleared with it). `fit` names a checkpoint by its call count and starting weights, which
-    every expert shares: with one folder, a resumed attempt whose first experts are already cached
-    would continue another expert's training."""
-    if ctx.run_dir is None:
-        return ctx
-    return replace(ctx, run_dir=Path(ctx.run_dir) / CHECKPOINTS / f"rws-{expert}")
 
 
 def seen_test_splits(suite: Suite, ctx: RunContext, n: int | None, seed: int) -> dict[str, Split]:
@@ -171,9 +159,10 @@ class Patcher:
 
 
 def choose(values: Sequence[float], scores: Sequence[float]) -> float:
-    """The value with the best score; ties -> the smallest magnitude (closest to the target)."""
-    best = max(scores)
-    return min((v for v, s in zip(values, scores) if s == best), key=lambda v: (abs(v), v))
+    """The value with the best score (`rftbench.selection`; ties -> the smallest magnitude, closest
+    to the target: candidates ordered by magnitude, then value)."""
+    order = sorted(range(len(values)), key=lambda i: (abs(values[i]), values[i]))
+    return select([values[i] for i in order], [scores[i] for i in order])
 
 
 def signature_keys(model: nn.Module, k: int, bn: str) -> list[str]:
@@ -209,7 +198,6 @@ def adapt(model: nn.Module, suite: Suite, ctx: RunContext, *, recipe: dict, coef
     names, severity, seed = seen_setup(suite)
     keys = signature_keys(model, k, bn)
     seen_test = {"n": None, "seed": 0, **(seen_test or {})}
-    tests = seen_test_splits(suite, ctx, seen_test["n"], seen_test["seed"])
     vals = {c: suite[f"ood_val/{c}"] for c in names}
     train_sets = corrupted_train(suite, ctx)
 
@@ -234,8 +222,7 @@ def adapt(model: nn.Module, suite: Suite, ctx: RunContext, *, recipe: dict, coef
         for coeff in coeffs:
             patcher.load(work, {c: signatures[c]}, {c: coeff})
             curve.append({"corruption": c, "severity": severity, "coeff": float(coeff),
-                          "val_acc": accuracy_on(work, vals[c], ctx),
-                          "test_acc": accuracy_on(work, tests[c], ctx), "test_selection": "oracle"})
+                          "val_acc": accuracy_on(work, vals[c], ctx)})
         chosen[c] = choose([r["coeff"] for r in curve], [r["val_acc"] for r in curve])
         for r in curve:
             r["chosen"] = r["coeff"] == chosen[c]
@@ -249,36 +236,49 @@ def adapt(model: nn.Module, suite: Suite, ctx: RunContext, *, recipe: dict, coef
         r = {"alpha": float(alpha), **{f"val_acc/{c}": accuracy_on(work, vals[c], ctx) for c in names}}
         r["val_acc"] = sum(r[f"val_acc/{c}"] for c in names) / len(names)
         r["id_val_acc"] = accuracy_on(work, suite.val, ctx)
-        r["test_acc"] = sum(accuracy_on(work, tests[c], ctx) for c in names) / len(names)
-        r["test_selection"] = "oracle"
         compose.append(r)
     alpha = choose([r["alpha"] for r in compose], [r["val_acc"] for r in compose])
     for r in compose:
         r["chosen"] = r["alpha"] == alpha
     log.info("rws composition of %d signatures: alpha %g chosen on the mean ood_val accuracy", len(names), alpha)
-
-    rows = []
-    for c in names:  # each signature alone at its chosen coefficient
-        patcher.load(work, {c: signatures[c]}, {c: chosen[c]})
-        rows.append(_acc_row(work, tests[c], "acc_single", ctx))
-    quantised = {c: rws.load_signature(files[c]["quantised"])[0] for c in names}
-    patcher.load(work, quantised, rws.compose_coeffs(names, alpha))
-    rows += [_acc_row(work, tests[c], "acc_quant", ctx) for c in names]
-    rows.append(_acc_row(work, suite["test"], "acc_quant", ctx))
     final = patcher.load(copy.deepcopy(experts.clean), signatures, rws.compose_coeffs(names, alpha))
-    for c in names:
-        rows += split_rows(tests[c], predict(final, tests[c], ctx))
-    for metric in ("acc", "acc_single", "acc_quant"):
-        seen = [r["value"] for r in rows if r["metric"] == metric and r["split"].startswith("ood_seen/")]
-        rows.append(row("ood_seen", f"{metric}_mean", sum(seen) / len(seen), shift="corruption"))
+
+    def analysis(full: Suite) -> tuple[dict[str, pd.DataFrame], list[dict]]:
+        """Test-set numbers, computed by the runner after the choices (never part of them): every
+        sweep point's test accuracy on the seen corruptions (oracle columns), each signature alone at
+        its chosen coefficient, the quantised signatures, and the final model on the seen-corruption
+        test splits (`ood_seen/<c>/<severity>`)."""
+        tests = seen_test_splits(full, ctx, seen_test["n"], seen_test["seed"])
+        for r in sweep:
+            patcher.load(work, {r["corruption"]: signatures[r["corruption"]]}, {r["corruption"]: r["coeff"]})
+            r["test_acc"], r["test_selection"] = accuracy_on(work, tests[r["corruption"]], ctx), "oracle"
+        for r in compose:
+            patcher.load(work, signatures, rws.compose_coeffs(names, r["alpha"]))
+            r["test_acc"] = sum(accuracy_on(work, tests[c], ctx) for c in names) / len(names)
+            r["test_selection"] = "oracle"
+        rows = []
+        for c in names:  # each signature alone at its chosen coefficient
+            patcher.load(work, {c: signatures[c]}, {c: chosen[c]})
+            rows.append(_acc_row(work, tests[c], "acc_single", ctx))
+        quantised = {c: rws.load_signature(files[c]["quantised"])[0] for c in names}
+        patcher.load(work, quantised, rws.compose_coeffs(names, alpha))
+        rows += [_acc_row(work, tests[c], "acc_quant", ctx) for c in names]
+        rows.append(_acc_row(work, full["test"], "acc_quant", ctx))
+        for c in names:
+            rows += split_rows(tests[c], predict(final, tests[c], ctx))
+        for metric in ("acc", "acc_single", "acc_quant"):
+            seen = [r["value"] for r in rows if r["metric"] == metric and r["split"].startswith("ood_seen/")]
+            rows.append(row("ood_seen", f"{metric}_mean", sum(seen) / len(seen), shift="corruption"))
+        return {"rws_sweep": pd.DataFrame(sweep), "rws_compose": pd.DataFrame(compose)}, rows
 
     info = {"k": k, "bn": bn, "levels": levels, "alpha": alpha, "n_seen": len(names),
             "seen_severity": severity, "selection": "ood_val",
             **{f"coeff/{c}": v for c, v in chosen.items()},
             **storage_info(signatures, levels, clean_state, files)}
-    t = experts.table  # reused experts count with the time they took when trained (run.py adds it)
-    info["cached_train_time_s"] = float(t.loc[t["cached"] == 1, "train_time_s"].sum())
-    return Adapted(final, trainable_params=count_params(model), info=info, rows=rows,
+    t = experts.table  # reused experts count with the time they took when trained
+    return Adapted(final, val_acc=accuracy_on(final, suite.val, ctx), trainable_params=count_params(model),
+                   train_time_s=float(t["train_time_s"].sum()), reused_time_s=float(t["reused_time_s"].sum()),
+                   info=info, analysis=analysis,
                    tables={"rws_sweep": pd.DataFrame(sweep), "rws_compose": pd.DataFrame(compose),
                            "rws_experts": experts.table})
 

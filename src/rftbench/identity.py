@@ -1,0 +1,54 @@
+"""Run identity: which work a config describes, and where its results go.
+
+- `run_id`: hash of the resolved config minus `NOT_WORK` (keys that do not change the work): the
+  same id means the same work, and the same run folder;
+- `variant_id`: the same without the trial seed, shared by the seeds of one hyper-parameter setting
+  (the leaderboard's variants);
+- `start_spec`: a run's starting point (backbone, suite, seed), the key of artifacts runs share;
+- `run_folder`: `<paths.runs>/<suite>/<backbone>/<method>/<run_id>/`.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from rftbench.results import RunFolder
+from rftbench.utils import stable_hash
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+# Keys that do not change the work a run does: left out of the run id (and of the variant id).
+NOT_WORK = ("paths", "device", "num_workers", "threads", "tracking", "launcher")
+# Nested keys that do not change the work either.
+NOT_WORK_NESTED = (("eval", "batch_size"),)
+
+
+def _work(resolved: dict, drop: tuple[str, ...] = ()) -> dict:
+    """A resolved config (plain dict, changed in place) without the keys that do not change the work."""
+    for key in (*NOT_WORK, *drop):
+        resolved.pop(key, None)
+    for parent, key in NOT_WORK_NESTED:
+        (resolved.get(parent) or {}).pop(key, None)
+    return resolved
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Hash of the resolved config minus `NOT_WORK`: the same id means the same work."""
+    return stable_hash(_work(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def variant_id(resolved: dict) -> str:
+    """Hash of a run's resolved config (a run folder's config.yaml) minus `NOT_WORK` and the trial
+    seed: the trial seeds of one hyper-parameter setting share it."""
+    return stable_hash(_work(copy.deepcopy(resolved), ("seed",)), length=8)
+
+
+def start_spec(cfg: DictConfig) -> dict:
+    """What defines a run's starting point (backbone, suite, seed): the key of shared artifacts."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return {k: resolved[k] for k in ("backbone", "suite", "seed")}
+
+
+def run_folder(cfg: DictConfig) -> RunFolder:
+    return RunFolder(cfg.paths.runs, cfg.suite.name, cfg.backbone.name, cfg.method.name, run_id(cfg))
