@@ -58,7 +58,12 @@ def call(node: DictConfig, **kwargs):
 
 
 def build_suite(cfg: DictConfig, ctx: RunContext) -> Suite:
-    return call(cfg.suite.build, seed=cfg.seed, cache_dir=str(ctx.cache_dir))
+    """The suite's splits, with the suite's augmentation and the backbone's evaluation transform."""
+    from rftbench.backbones import input_spec
+    from rftbench.transforms import attach
+
+    suite = call(cfg.suite.build, seed=cfg.seed, cache_dir=str(ctx.cache_dir))
+    return attach(suite, cfg.suite.train_transform, cfg.suite.eval_transform, input_spec(cfg.backbone))
 
 
 def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:

@@ -23,6 +23,7 @@ LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
 }
+META = {"cifar10": ("batches.meta", b"label_names"), "cifar100": ("meta", b"fine_label_names")}
 HOW_TO_GET = ("download the python version from https://www.cs.toronto.edu/~kriz/cifar.html (or "
               "torchvision.datasets.CIFAR10(root, download=True) on a machine with internet) and set "
               "suite.build.root")
@@ -33,6 +34,7 @@ class UInt8Images(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         self.images, self.labels = images, labels
+        self.targets = labels
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -65,6 +67,16 @@ def read_cifar(root: str | Path, dataset: str = "cifar10") -> dict[str, tuple[np
     return out
 
 
+def class_names(root: str | Path, dataset: str = "cifar10") -> list[str]:
+    """The class names stored in the archive's meta file."""
+    name, key = META[dataset]
+    path = Path(root) / LAYOUT[dataset][0] / name
+    if not path.exists():
+        raise FileNotFoundError(f"{dataset}: missing {path}; {HOW_TO_GET}")
+    with open(path, "rb") as f:
+        return [n.decode() for n in pickle.load(f, encoding="bytes")[key]]
+
+
 def build_cifar(root: str, dataset: str = "cifar10", seed: int = 0, val_fraction: float = 0.2,
                 corruption_root: str | None = None, corruptions: Sequence[str] = (),
                 severities: Sequence[int] = (1, 2, 3, 4, 5), corruption_n: int | None = None,
@@ -91,4 +103,5 @@ def build_cifar(root: str, dataset: str = "cifar10", seed: int = 0, val_fraction
     num_classes = LAYOUT[dataset][4]
     # a model pre-trained on the same dataset (e.g. a RobustBench model) keeps its head
     return Suite(dataset, num_classes, splits, upstream_classes=list(range(num_classes)),
-                 meta={"upstream": dataset, "root": str(root), "n_train": len(rest), "n_val": len(held)})
+                 meta={"upstream": dataset, "root": str(root), "n_train": len(rest), "n_val": len(held)},
+                 class_names=class_names(root, dataset))
