@@ -28,3 +28,11 @@ def test_cifar10_file_backed_runs_end_to_end_with_the_default_eval(make_cfg, tmp
     adv = m[m["split"] == "ood/adversarial/Linf"]
     assert set(adv["metric"]) == {"robust_acc", "clean_acc"}
     assert m[(m["split"] == "test") & (m["metric"] == "acc")]["value"].notna().all()
+    assert leaderboard_row(tmp_path, "cifar10")
+
+
+def leaderboard_row(tmp_path: Path, suite: str) -> bool:
+    from rftbench import leaderboard
+
+    board = leaderboard.build(tmp_path / "runs")
+    return bool((board["suite"] == suite).any())

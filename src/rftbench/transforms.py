@@ -95,7 +95,8 @@ def attach(suite: Suite, train_cfg: Mapping, eval_cfg: Mapping, spec: InputSpec)
     tr = train_transform(train_cfg, spec, eval_cfg)
     for split in suite.splits.values():
         if not split.in_memory:
-            split.transform = ev
+            # a split may fix its own geometry (e.g. ImageNet-C's 224 px crops are only resized)
+            split.transform = eval_transform(split.meta["eval_transform"], spec) if "eval_transform" in split.meta else ev
             split.train_transform = tr if split.role == "train" else None
             split._loaders.clear()
     return suite

@@ -244,13 +244,17 @@ def per_class(y: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Sorted indices of a fixed subset with `n // num_classes` examples of every class in `labels`."""
+    """Sorted indices of a fixed subset with `n // num_classes` examples of every class in `labels`;
+    with more classes than `n` (e.g. ImageNet), one example of each of `n`
+    classes drawn by `seed`."""
     labels = torch.as_tensor(labels).long().cpu()
     classes = labels.unique()
-    per_class = n // len(classes)
-    if per_class < 1:
-        raise ValueError(f"n={n} is smaller than the number of classes ({len(classes)})")
     generator = torch.Generator().manual_seed(seed)
+    if n < 1:
+        raise ValueError(f"n={n} must be at least 1")
+    if n < len(classes):
+        classes = classes[torch.randperm(len(classes), generator=generator)[:n]]
+    per_class = n // len(classes)
     chosen = []
     for c in classes:
         members = (labels == c).nonzero().flatten()
@@ -258,3 +262,18 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
             raise ValueError(f"class {c.item()} has {len(members)} examples, fewer than {per_class} per class")
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.cat(chosen).sort().values
+
+
+def hold_out_per_class(y: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (rest, held) with `k` examples of every class held out after a seeded shuffle."""
+    gen = torch.Generator().manual_seed(seed)
+    rest, held = [], []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        if k >= len(idx):
+            raise ValueError(f"val_per_class={k} but class {c} has only {len(idx)} training examples")
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        held.append(idx[:k])
+        rest.append(idx[k:])
+    cat = lambda parts: torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    return cat(rest), cat(held)
