@@ -12,7 +12,7 @@ from rftbench.run import execute, run_folder
 from test_backbones import write_cifar10
 
 TINY = ["backbone=resnet18", "backbone.pretrained=false", "backbone.input.size=32", "method=ft",
-        "budget.epochs=1", "budget.batch_size=16"]
+        "budget.epochs=1", "budget.batch_size=16", "num_workers=0"]
 
 
 def run_done(make_cfg, *overrides: str) -> pd.DataFrame:

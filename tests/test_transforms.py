@@ -63,13 +63,16 @@ def test_augmentation_is_seeded_per_trial(name):
     split = Split("train", "train", dataset=Images(), transform=eval_transform({"name": "resize"}, spec),
                   train_transform=train_transform({"name": name}, spec, {"name": "resize"}))
 
-    def epoch(seed, augment=True):
-        return torch.cat([x for x, _ in batches(split, 4, shuffle=True, seed=seed, augment=augment)])
+    def epoch(seed, augment=True, workers=0):
+        return torch.cat([x for x, _ in batches(split, 4, shuffle=True, seed=seed, augment=augment,
+                                                num_workers=workers)])
 
     a, b, c = epoch(1), epoch(1), epoch(2)
     assert a.shape == (8, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
     torch.manual_seed(123)  # the global generator does not matter
     assert torch.equal(epoch(1), a)
+    if name == "crop_flip":  # the same crops whichever process (DataLoader worker) decodes the image
+        assert torch.equal(epoch(1, workers=1), a)
     # without augment (feature extraction, evaluation) the evaluation transform is used
     plain = epoch(1, augment=False)
     assert torch.equal(plain, epoch(1, augment=False)) and not torch.equal(plain, a)

@@ -144,15 +144,19 @@ class SeededOrder(Sampler):
 
 
 def _loader(split: Split, batch_size: int, augment: bool, num_workers: int, pin: bool):
-    """One DataLoader per (split, batch size, augment, workers), kept so workers persist."""
+    """A DataLoader over the split. Train and val (read every epoch) keep theirs, workers persisting;
+    test/OOD splits (read once each) get a fresh one, so that dozens of OOD splits never hold workers."""
     key = (batch_size, augment, num_workers, pin)
-    if key not in split._loaders:
-        transform = split.train_transform if augment else split.transform
-        sampler = SeededOrder(len(split.dataset))
-        extra = dict(persistent_workers=True, prefetch_factor=4) if num_workers > 0 else {}
-        split._loaders[key] = DataLoader(Transformed(split.dataset, transform), batch_size=batch_size,
-                                         sampler=sampler, num_workers=num_workers, pin_memory=pin, **extra)
-    return split._loaders[key]
+    if key in split._loaders:
+        return split._loaders[key]
+    persistent = num_workers > 0 and split.role in ("train", "val")
+    transform = split.train_transform if augment else split.transform
+    extra = dict(persistent_workers=persistent, prefetch_factor=4) if num_workers > 0 else {}
+    loader = DataLoader(Transformed(split.dataset, transform), batch_size=batch_size,
+                        sampler=SeededOrder(len(split.dataset)), num_workers=num_workers, pin_memory=pin, **extra)
+    if persistent or num_workers == 0:
+        split._loaders[key] = loader
+    return loader
 
 
 def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0,
