@@ -76,7 +76,7 @@ def test_cifar_reader_matches_the_pickles(tmp_path):
         raw = pickle.load(f, encoding="bytes")[b"data"][3]
     assert np.array_equal(data["test"][0][3].transpose(2, 0, 1).reshape(-1), raw)
     suite = build_cifar(root=str(tmp_path), dataset="cifar10", seed=0, val_fraction=0.2, corruption_root=None,
-                        corruptions=[], severities=[], corruption_n=None)
+                        corruptions=[], severities=[], corruption_n=None, cifar10_1_root=None)
     assert len(suite.train) == 40 and len(suite.val) == 10 and not suite.train.in_memory
     x, _ = suite["test"].dataset[3]
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1

@@ -29,9 +29,9 @@ LAUNCHERS = sorted(p.stem for p in (CONFIGS / "launcher").glob("*.yaml"))
 LOCAL_BACKBONES = sorted(p.stem for p in (CONFIGS / "backbone").glob("*.yaml"))
 ZOO_BACKBONES = sorted((CONFIGS / "backbone" / "robustbench").rglob("*.yaml"))
 # Targets that take **kwargs and pass them on: the function that receives them.
-FORWARDS = {"rftbench.methods.ftp_method.adapt": "rftbench.methods.ft.finetune"}
+FORWARDS: dict[str, str] = {}
 # Plain dict arguments (no `_target_`) and the function that receives them as keywords.
-DICT_ARGUMENTS = {"recipe": "rftbench.methods.ft.finetune", "probe_cfg": "rftbench.train.fit_probe"}
+DICT_ARGUMENTS = {"recipe": "rftbench.methods.ft.finetune", "probe_cfg": "rftbench.train.fit_probes"}
 PLACEHOLDER = object()
 
 

@@ -116,7 +116,8 @@ class Sealed(Split):
 
 def seal(suite):
     """The suite with its test and OOD splits sealed (validation splits, ood_val included, stay open)."""
-    splits = {k: Sealed(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)}) if s.role in ("test", "ood") else s
+    splits = {k: Sealed(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.init})
+              if s.role in ("test", "ood") else s
               for k, s in suite.splits.items()}
     return dataclasses.replace(suite, splits=splits)
 

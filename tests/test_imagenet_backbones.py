@@ -39,8 +39,8 @@ def test_backbone_builds_as_a_classifier(make_cfg, single_thread, name, features
     assert torch.allclose(model.normalize.std.flatten(), torch.tensor(mean_std[1]))
     with torch.no_grad():
         assert model.eval().features(torch.rand(1, 3, 224, 224)).shape == (1, features)
-    if hasattr(backbones, "input_spec"):  # the suites' resolver (issue 12), once merged
-        assert {k: backbones.input_spec(cfg.backbone)[k] for k in spec} == spec
+    resolved = backbones.input_spec(cfg.backbone)
+    assert {k: getattr(resolved, k) for k in spec} == spec
 
 
 def test_generic_timm_takes_its_input_spec_from_timm(make_cfg, single_thread):
@@ -49,10 +49,8 @@ def test_generic_timm_takes_its_input_spec_from_timm(make_cfg, single_thread):
     assert cfg.backbone.name == "timm/convnext_atto" and model.num_features == 320
     assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(pcfg.mean))
     assert torch.allclose(model.normalize.std.flatten(), torch.tensor(pcfg.std))
-    if hasattr(backbones, "input_spec"):
-        spec = backbones.input_spec(cfg.backbone)
-        assert (spec["size"], spec["interpolation"], spec["crop_pct"]) == (pcfg.input_size[-1], pcfg.interpolation,
-                                                                        pcfg.crop_pct)
+    spec = backbones.input_spec(cfg.backbone)
+    assert (spec.size, spec.interpolation, spec.crop_pct) == (pcfg.input_size[-1], pcfg.interpolation, pcfg.crop_pct)
 
 
 def test_swin_t_relu_is_relu_and_ct_converts_every_site(single_thread):

@@ -7,8 +7,9 @@ parts (`normalize`, `body`, `head`) and on `features(x)`.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import timm
 import torch
@@ -152,3 +153,55 @@ def set_num_classes(model: Classifier, num_classes: int) -> Classifier:
     """Replace the head by a freshly initialised one with `num_classes` outputs (in place)."""
     model.head = nn.Linear(model.num_features, num_classes)
     return model
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How images reach a backbone: square side in pixels, resize interpolation, and the centre-crop
+    ratio of evaluation (resize the shorter side to size / crop_pct, then crop size x size)."""
+
+    size: int
+    interpolation: str
+    crop_pct: float
+
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+# RobustBench's preprocessing per dataset (its Res256Crop224 for ImageNet, native 32 px for CIFAR)
+ROBUSTBENCH_INPUT = {"cifar10": InputSpec(32, "bilinear", 1.0), "cifar100": InputSpec(32, "bilinear", 1.0),
+                     "imagenet": InputSpec(224, "bilinear", 0.875)}
+
+
+def library_input_spec(source: str, arch: str, kwargs: Mapping | None = None) -> InputSpec:
+    """The input spec the library publishes for `arch`: timm's `pretrained_cfg`, torchvision's
+    weights metadata (`DEFAULT` weights' transforms), RobustBench's per-dataset preprocessing."""
+    if source == "timm":
+        cfg = timm.get_pretrained_cfg(arch)
+        if cfg is None:
+            raise ValueError(f"timm has no pretrained_cfg for {arch!r}; set backbone.input.{{size, interpolation, crop_pct}}")
+        return InputSpec(int(cfg.input_size[-1]), str(cfg.interpolation), float(cfg.crop_pct))
+    if source == "torchvision":
+        t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+        return InputSpec(crop, t.interpolation.value, crop / resize)
+    if source == "robustbench":
+        dataset = dict(kwargs or {}).get("dataset", "cifar10")
+        if dataset not in ROBUSTBENCH_INPUT:
+            raise ValueError(f"no RobustBench input spec for dataset {dataset!r}; set backbone.input")
+        return ROBUSTBENCH_INPUT[dataset]
+    raise ValueError(f"unknown backbone source {source!r}; valid: timm, torchvision, robustbench")
+
+
+def input_spec(backbone_cfg: Mapping) -> InputSpec:
+    """The backbone config's `input: {size, interpolation, crop_pct}`, each null value read from the
+    library's metadata for `arch` (`library_input_spec`)."""
+    given = dict(backbone_cfg.get("input") or {})
+    unknown = set(given) - {"size", "interpolation", "crop_pct"}
+    if unknown:
+        raise ValueError(f"backbone.input has unknown keys {sorted(unknown)}; valid: size, interpolation, crop_pct")
+    if any(given.get(k) is None for k in ("size", "interpolation", "crop_pct")):
+        lib = library_input_spec(backbone_cfg["source"], backbone_cfg["arch"], backbone_cfg.get("kwargs"))
+        given = {k: lib.__dict__[k] if given.get(k) is None else given[k] for k in ("size", "interpolation", "crop_pct")}
+    spec = InputSpec(int(given["size"]), str(given["interpolation"]), float(given["crop_pct"]))
+    if spec.interpolation not in INTERPOLATIONS or not 0 < spec.crop_pct <= 1 or spec.size < 1:
+        raise ValueError(f"backbone.input {spec} invalid: interpolation in {INTERPOLATIONS}, 0 < crop_pct <= 1, size >= 1")
+    return spec

@@ -25,6 +25,15 @@ def row(split: str, metric: str, value: float, shift: str = "id", corruption: st
             "metric": metric, "value": float(value), "selection": selection, "detail": detail}
 
 
+def masked(logits: torch.Tensor, split: Split) -> torch.Tensor:
+    """Logits restricted to the split's `class_mask` (others set to -inf: ImageNet-R/A's 200 classes)."""
+    if split.class_mask is None:
+        return logits
+    keep = torch.zeros(logits.shape[1], dtype=torch.bool)
+    keep[torch.as_tensor(split.class_mask)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def split_rows(split: Split, logits: torch.Tensor, ece_bins: int = 15) -> list[dict]:
     """Accuracy, ECE and NLL of one split's logits."""
     y = split.labels
@@ -60,7 +69,7 @@ def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict) -> list
     t0 = time.perf_counter()
     n_images = 0
     for split in suite.eval_splits():
-        logits = predict(model, split, ctx)
+        logits = masked(predict(model, split, ctx), split)
         n_images += len(split)
         rows += split_rows(split, logits, cfg["ece_bins"])
     eval_time = time.perf_counter() - t0
@@ -80,7 +89,8 @@ def adversarial_rows(model: nn.Module, test: Split, ctx: RunContext, adv: dict) 
     from rftbench.attacks import attack
 
     idx = balanced_subset(test.labels, adv["n"], adv["seed"])
-    sub = test.subset(idx)
+    # tensors in memory (evaluation transform applied) also when the test split is streamed from disk
+    sub = test.subset(idx).materialize(num_workers=ctx.num_workers)
     out = []
     for threat in adv["threats"]:
         res = attack(model, sub.x, sub.y, norm=threat["norm"], eps=float(threat["eps"]), tier=adv["tier"],

@@ -164,7 +164,7 @@ class RunLock:
 
 class RunFolder:
     def __init__(self, root: str | Path, suite: str, backbone: str, method: str, run_id: str):
-        self.path = Path(root) / suite / backbone.replace("/", "_") / method / run_id
+        self.path = Path(root) / suite.replace("/", "_") / backbone.replace("/", "_") / method / run_id
         self.run_id = run_id
         self.columns = {"run_id": run_id, "suite": suite, "backbone": backbone, "method": method}
         self.lock = RunLock(self.path)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,21 @@ def call(node: DictConfig, **kwargs):
 
 
 def build_suite(cfg: DictConfig, ctx: RunContext) -> Suite:
-    return call(cfg.suite.build, seed=cfg.seed, cache_dir=str(ctx.cache_dir))
+    """The suite's splits, with the suite's augmentation and the backbone's evaluation transform."""
+    from rftbench.backbones import input_spec
+    from rftbench.transforms import attach
+
+    suite = call(cfg.suite.build, seed=cfg.seed, cache_dir=str(ctx.cache_dir))
+    return attach(suite, cfg.suite.train_transform, cfg.suite.eval_transform, input_spec(cfg.backbone))
+
+
+def resolve_workers(value: int | str) -> int:
+    """`num_workers`: an int, or `auto` = one DataLoader worker per core but one (at most 16)."""
+    if value == "auto":
+        return max(0, min(16, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) - 1))
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"num_workers={value!r}: give a non-negative int or auto")
+    return value
 
 
 def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:
@@ -111,7 +126,7 @@ def execute(cfg: DictConfig) -> str:
         device = resolve_device(cfg.device)
         ctx = RunContext(device=device, seed=cfg.seed, cache_dir=Path(cfg.paths.cache),
                          run_dir=folder.path, eval_batch_size=cfg.eval.batch_size,
-                         num_workers=cfg.num_workers, spec=start_spec(cfg))
+                         num_workers=resolve_workers(cfg.num_workers), spec=start_spec(cfg))
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         log.info("run %s: %s / %s / %s seed %d on %s", folder.run_id, cfg.suite.name, cfg.backbone.name,
                  cfg.method.name, cfg.seed, device)

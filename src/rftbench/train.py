@@ -178,7 +178,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             set_bn_eval(model)
         total = torch.zeros((), device=ctx.device)
         for xb, yb in batches(train, batch_size, shuffle=True, seed=ctx.seed * 100_003 + epoch,
-                              num_workers=ctx.num_workers, device=ctx.device):
+                              num_workers=ctx.num_workers, device=ctx.device, augment=True):
             if ctx.cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with ctx.autocast():

@@ -4,14 +4,20 @@ A `Suite` is a set of named `Split`s (docs/protocol.md section 2). A split holds
 memory (small suites such as `digits`: batches are index slices, no DataLoader overhead) or any
 map-style `Dataset` yielding `(image, label)` with images as float tensors in [0, 1] (large on-disk
 suites: batches come from a DataLoader with workers). `batches()` hides the difference.
+
+Streamed splits carry per-image transforms: `transform` (evaluation: resize/crop at the backbone's
+input size, to float [0, 1]) and, on the train split, `train_transform` (augmentation), applied in
+the DataLoader workers. Augmentation is seeded per (batch seed, image index), so the same trial seed
+gives the same crops whatever the number of workers. A dataset should expose `targets` (one int
+label per item) so that labels are read without decoding images.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 ROLES = ("train", "val", "test", "ood", "ood_val")
 SHIFTS = ("id", "domain", "corruption", "adversarial", "natural")
@@ -30,6 +36,10 @@ class Split:
     corruption: str | None = None
     severity: int | None = None
     meta: dict = field(default_factory=dict)
+    transform: Callable | None = None        # per-image evaluation transform (streamed splits)
+    train_transform: Callable | None = None  # per-image augmentation when training on this split
+    class_mask: list[int] | None = None      # only these classes' logits count (ImageNet-R/A)
+    _loaders: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -40,6 +50,8 @@ class Split:
             raise ValueError(f"split {self.name}: give either tensors (x, y) or a dataset")
         if self.x is not None and (self.y is None or len(self.x) != len(self.y)):
             raise ValueError(f"split {self.name}: x and y must have the same length")
+        if self.x is not None and (self.transform is not None or self.train_transform is not None):
+            raise ValueError(f"split {self.name}: transforms apply to streamed (dataset) splits only")
 
     def __len__(self) -> int:
         return len(self.x) if self.x is not None else len(self.dataset)
@@ -53,20 +65,105 @@ class Split:
         """All labels (reads the dataset once if it is not in memory)."""
         if self.y is not None:
             return self.y
-        return torch.as_tensor([int(self.dataset[i][1]) for i in range(len(self.dataset))])
+        if "labels" not in vars(self):  # read once
+            self.__dict__["labels"] = dataset_targets(self.dataset)
+        return self.__dict__["labels"]
+
+    def _tags(self, name: str | None) -> dict:
+        return dict(name=name or self.name, role=self.role, shift=self.shift, corruption=self.corruption,
+                    severity=self.severity, meta=dict(self.meta), class_mask=self.class_mask)
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> "Split":
-        """A split restricted to `index` (same role, shift and tags)."""
-        kw = dict(name=name or self.name, role=self.role, shift=self.shift, corruption=self.corruption,
-                  severity=self.severity, meta=dict(self.meta))
+        """A split restricted to `index` (same role, shift, tags and transforms)."""
         if self.in_memory:
-            return Split(x=self.x[index], y=self.y[index], **kw)
-        return Split(dataset=torch.utils.data.Subset(self.dataset, index.tolist()), **kw)
+            return Split(x=self.x[index], y=self.y[index], **self._tags(name))
+        return Split(dataset=Subset(self.dataset, torch.as_tensor(index).tolist()), transform=self.transform,
+                     train_transform=self.train_transform, **self._tags(name))
+
+    def materialize(self, name: str | None = None, batch_size: int = 256, num_workers: int = 0) -> "Split":
+        """The same split as tensors in memory (evaluation transform applied): for code that needs
+        `x`/`y`, e.g. AutoAttack on a fixed subset of a streamed test set."""
+        if self.in_memory:
+            return self
+        xs = [xb for xb, _ in batches(self, batch_size, num_workers=num_workers)]
+        return Split(x=torch.cat(xs), y=self.labels.clone(), **self._tags(name))
+
+
+def dataset_targets(dataset: Dataset) -> torch.Tensor:
+    """Every label of a map-style dataset: its `targets` (through `Subset`s), else read item by item."""
+    if isinstance(dataset, Subset):
+        return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets, dtype=torch.long)
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+class Transformed(Dataset):
+    """`dataset` with a per-image transform; a key `(i, seed)` runs the transform under
+    `torch.manual_seed(seed)` (seeded augmentation, independent of the worker that loads it)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable | None):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
+        i, seed = key
+        x, y = self.dataset[i]
+        if self.transform is not None:
+            if seed is None:
+                x = self.transform(x)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    x = self.transform(x)
+        return x, int(y)
+
+
+class SeededOrder(Sampler):
+    """Yields `(index, per-image seed or None)`; the order and the seeds are a pure function of the
+    seed set by `reset` before each pass (works with persistent workers: it lives in the main process)."""
+
+    def __init__(self, n: int):
+        self.n, self.shuffle, self.seed, self.augment = n, False, 0, False
+
+    def reset(self, shuffle: bool, seed: int, augment: bool) -> None:
+        self.shuffle, self.seed, self.augment = shuffle, seed, augment
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+                 if self.shuffle else range(self.n))
+        base = (self.seed * 1_000_003) % (2**62)
+        for i in order:
+            yield i, (base + i if self.augment else None)
+
+
+def _loader(split: Split, batch_size: int, augment: bool, num_workers: int, pin: bool):
+    """A DataLoader over the split. Train and val (read every epoch) keep theirs, workers persisting;
+    test/OOD splits (read once each) get a fresh one, so that dozens of OOD splits never hold workers."""
+    key = (batch_size, augment, num_workers, pin)
+    if key in split._loaders:
+        return split._loaders[key]
+    persistent = num_workers > 0 and split.role in ("train", "val")
+    transform = split.train_transform if augment else split.transform
+    extra = dict(persistent_workers=persistent, prefetch_factor=4) if num_workers > 0 else {}
+    loader = DataLoader(Transformed(split.dataset, transform), batch_size=batch_size,
+                        sampler=SeededOrder(len(split.dataset)), num_workers=num_workers, pin_memory=pin, **extra)
+    if persistent or num_workers == 0:
+        split._loaders[key] = loader
+    return loader
 
 
 def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0,
-            num_workers: int = 0, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches on `device`; the order is a pure function of `seed` when shuffling."""
+            num_workers: int = 0, device: torch.device | str = "cpu",
+            augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches on `device`; the order (and, with `augment`, the augmentation of a split that
+    has a `train_transform`) is a pure function of `seed`."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     if split.in_memory:
@@ -80,9 +177,9 @@ def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0,
                 xb, yb = split.x[idx], split.y[idx]
             yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         return
-    loader = DataLoader(split.dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+    augment = augment and split.train_transform is not None
+    loader = _loader(split, batch_size, augment, num_workers, device.type == "cuda")
+    loader.sampler.reset(shuffle, seed, augment)
     for xb, yb in loader:
         yield xb.to(device, non_blocking=True), torch.as_tensor(yb).to(device, non_blocking=True)
 
@@ -100,6 +197,7 @@ class Suite:
     splits: dict[str, Split]
     upstream_classes: list[int] | None = None
     meta: dict = field(default_factory=dict)
+    class_names: list[str] | None = None  # human-readable, one per class (CLIP zero-shot heads)
 
     def __getitem__(self, name: str) -> Split:
         try:
@@ -150,13 +248,17 @@ def per_class(y: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Sorted indices of a fixed subset with `n // num_classes` examples of every class in `labels`."""
+    """Sorted indices of a fixed subset with `n // num_classes` examples of every class in `labels`;
+    with more classes than `n` (e.g. ImageNet), one example of each of `n`
+    classes drawn by `seed`."""
     labels = torch.as_tensor(labels).long().cpu()
     classes = labels.unique()
-    per_class = n // len(classes)
-    if per_class < 1:
-        raise ValueError(f"n={n} is smaller than the number of classes ({len(classes)})")
     generator = torch.Generator().manual_seed(seed)
+    if n < 1:
+        raise ValueError(f"n={n} must be at least 1")
+    if n < len(classes):
+        classes = classes[torch.randperm(len(classes), generator=generator)[:n]]
+    per_class = n // len(classes)
     chosen = []
     for c in classes:
         members = (labels == c).nonzero().flatten()
@@ -164,3 +266,18 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
             raise ValueError(f"class {c.item()} has {len(members)} examples, fewer than {per_class} per class")
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.cat(chosen).sort().values
+
+
+def hold_out_per_class(y: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (rest, held) with `k` examples of every class held out after a seeded shuffle."""
+    gen = torch.Generator().manual_seed(seed)
+    rest, held = [], []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        if k >= len(idx):
+            raise ValueError(f"val_per_class={k} but class {c} has only {len(idx)} training examples")
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        held.append(idx[:k])
+        rest.append(idx[k:])
+    cat = lambda parts: torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    return cat(rest), cat(held)

@@ -9,6 +9,7 @@ Dataset, so batches stream through DataLoader workers like any on-disk suite.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 from typing import Sequence
@@ -20,10 +21,12 @@ from torch.utils.data import Dataset
 from rftbench.data.base import Split, Suite, stratified_split
 from rftbench.utils import config_target
 
+log = logging.getLogger("rftbench")
 LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
 }
+META = {"cifar10": ("batches.meta", b"label_names"), "cifar100": ("meta", b"fine_label_names")}
 HOW_TO_GET = ("download the python version from https://www.cs.toronto.edu/~kriz/cifar.html (or "
               "torchvision.datasets.CIFAR10(root, download=True) on a machine with internet) and set "
               "suite.build.root")
@@ -34,6 +37,7 @@ class UInt8Images(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         self.images, self.labels = images, labels
+        self.targets = labels
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -66,12 +70,42 @@ def read_cifar(root: str | Path, dataset: str = "cifar10") -> dict[str, tuple[np
     return out
 
 
+def class_names(root: str | Path, dataset: str = "cifar10") -> list[str]:
+    """The class names stored in the archive's meta file."""
+    name, key = META[dataset]
+    path = Path(root) / LAYOUT[dataset][0] / name
+    if not path.exists():
+        raise FileNotFoundError(f"{dataset}: missing {path}; {HOW_TO_GET}")
+    with open(path, "rb") as f:
+        return [n.decode() for n in pickle.load(f, encoding="bytes")[key]]
+
+
+CIFAR10_1 = ("cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy")
+CIFAR10_1_N = 2000
+CIFAR10_1_SOURCE = "https://github.com/modestyachts/CIFAR-10.1 (datasets/cifar10.1_v6_data.npy and _labels.npy)"
+
+
+def read_cifar10_1(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10.1 v6 from its `.npy` release: images (2000, 32, 32, 3) uint8 and labels in CIFAR-10's order."""
+    paths = [Path(root) / name for name in CIFAR10_1]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; get it from {CIFAR10_1_SOURCE}")
+    x, y = np.load(paths[0]), np.load(paths[1]).astype(np.int64)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
+        raise ValueError(f"{paths[0]}: expected uint8 images (N, 32, 32, 3) matching {len(y)} labels, "
+                         f"got {x.dtype} {x.shape}")
+    return x, y
+
+
 @config_target("suite.build")
 def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corruption_root: str | None,
                 corruptions: Sequence[str], severities: Sequence[int], corruption_n: int | None,
-                cache_dir: str | None = None) -> Suite:
-    """CIFAR suite: train/val (stratified, seeded split of the official train set), test, and
-    `ood/corruption/<name>/<severity>` from CIFAR-10-C / CIFAR-100-C when `corruption_root` is set.
+                cifar10_1_root: str | None, cache_dir: str | None = None) -> Suite:
+    """CIFAR suite: train/val (stratified, seeded split of the official train set), test,
+    `ood/corruption/<name>/<severity>` from CIFAR-10-C / CIFAR-100-C when `corruption_root` is set,
+    and (CIFAR-10) `ood/cifar10_1` from CIFAR-10.1 v6 under `cifar10_1_root` when present (skipped
+    with a warning naming the path otherwise).
 
     The keywords are `suite.build` of configs/suite/cifar10.yaml (their defaults live there);
     `seed` and `cache_dir` come from the runner (`cache_dir` is unused: nothing is cached)."""
@@ -91,7 +125,20 @@ def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corr
         for (name, sev), (x, y) in sets.items():
             key = f"ood/corruption/{name}/{sev}"
             splits[key] = Split(key, "ood", "corruption", x=x, y=y, corruption=name, severity=sev)
+    meta_ood = {}
+    if cifar10_1_root is not None:
+        if dataset != "cifar10":
+            raise ValueError("CIFAR-10.1 shares CIFAR-10's classes only; set suite.build.cifar10_1_root=null")
+        try:
+            splits["ood/cifar10_1"] = Split("ood/cifar10_1", "ood", "natural",
+                                            dataset=UInt8Images(*read_cifar10_1(cifar10_1_root)))
+            meta_ood["ood_evaluated"] = ["ood/cifar10_1"]
+        except FileNotFoundError as exc:
+            log.warning("CIFAR-10.1 split ood/cifar10_1 skipped: %s", exc)
+            meta_ood["ood_missing"] = ["ood/cifar10_1"]
     num_classes = LAYOUT[dataset][4]
     # a model pre-trained on the same dataset (e.g. a RobustBench model) keeps its head
     return Suite(dataset, num_classes, splits, upstream_classes=list(range(num_classes)),
-                 meta={"upstream": dataset, "root": str(root), "n_train": len(rest), "n_val": len(held)})
+                 meta={"upstream": dataset, "root": str(root), "n_train": len(rest), "n_val": len(held),
+                       **meta_ood},
+                 class_names=class_names(root, dataset))

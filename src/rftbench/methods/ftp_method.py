@@ -2,6 +2,8 @@
 from the projection; the learned per-tensor radii gamma are saved with the run."""
 from __future__ import annotations
 
+from typing import Callable
+
 import pandas as pd
 
 from rftbench.backbones import Classifier
@@ -24,8 +26,12 @@ def gammas(model: Classifier, optimizer: FTPAdamW | FTPSGD) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def adapt(model: Classifier, suite: Suite, ctx: RunContext, **recipe) -> Adapted:
-    adapted, res = finetune(model, suite, ctx, checkpoint_key="ftp", exclude_head=True, **recipe)
+def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callable, epochs: int,
+          batch_size: int, scheduler: dict | None = None, label_smoothing: float = 0.0) -> Adapted:
+    """The fine-tuning recipe (`rftbench.methods.ft.finetune`) with an FTP optimizer; head excluded."""
+    adapted, res = finetune(model, suite, ctx, checkpoint_key="ftp", exclude_head=True, optimizer=optimizer,
+                            epochs=epochs, batch_size=batch_size, scheduler=scheduler,
+                            label_smoothing=label_smoothing)
     if not isinstance(res.optimizer, (FTPAdamW, FTPSGD)):
         raise ValueError("method=ftp needs method.adapt.optimizer to be rftbench.methods.ftp.FTPAdamW or FTPSGD")
     table = gammas(model, res.optimizer)

@@ -1,0 +1,54 @@
+"""`python -m rftbench.data verify` on partial trees lists exactly what is missing; nothing downloads."""
+from __future__ import annotations
+
+from rftbench.data import imagenet
+from rftbench.data.__main__ import main
+from test_domainnet import write_domainnet
+from test_imagenet import write_imagenet
+
+
+def checks(capsys, *args):
+    rc = main(["verify", *args])
+    lines = capsys.readouterr().out.splitlines()
+    return rc, {l.split()[1]: l for l in lines[1:-1]}, lines[-1]
+
+
+def test_verify_partial_imagenet_lists_exactly_what_is_missing(tmp_path, capsys):
+    write_imagenet(tmp_path, val_per_class=2)  # no ImageNet-A, tiny counts, no ImageNet-C
+    rc, rows, total = checks(capsys, "suite=imagenet", f"paths.data={tmp_path}",
+                             "suite.build.corruptions=[fog]", "suite.build.severities=[1]")
+    assert rc == 1
+    assert rows["ood/imagenet_a"].startswith("missing") and str(tmp_path / "imagenet-a") in rows["ood/imagenet_a"]
+    assert "natural-adv-examples" in rows["ood/imagenet_a"]
+    assert rows["test"].startswith("incomplete") and "8/50000" in rows["test"]
+    assert rows["ood/imagenet_r"].startswith("incomplete") and "6/30000" in rows["ood/imagenet_r"]
+    assert rows["ood/corruption/fog/1"].startswith("missing") and "zenodo" in rows["ood/corruption/fog/1"]
+    assert sorted(k for k, v in rows.items() if v.startswith("missing")) == ["ood/corruption/fog/1", "ood/imagenet_a"]
+    assert total == "0 found, 2 missing, 5 incomplete"
+
+
+def test_verify_domainnet_counts_from_split_files(tmp_path, capsys):
+    write_domainnet(tmp_path / "domainnet", n_train=2, n_test=1, domains=("real", "sketch", "clipart"))
+    (tmp_path / "domainnet/real/airplane/img_0.jpg").unlink()
+    rc, rows, _ = checks(capsys, "suite=domainnet", f"paths.data={tmp_path}")
+    assert rc == 1
+    assert rows["real_train"].startswith("incomplete") and "5/6" in rows["real_train"]
+    assert rows["real_test"].startswith("found") and rows["sketch_test"].startswith("found")
+    assert rows["painting_test"].startswith("missing") and "painting_test.txt" in rows["painting_test"]
+    assert rows["infograph_test"].startswith("missing")
+
+
+def test_verify_ct_transfer_and_complete_tree(tmp_path, capsys):
+    from test_transfer import write_dtd
+
+    rc, rows, _ = checks(capsys, "suite=ct_transfer/dtd", f"paths.data={tmp_path}")
+    assert rc == 1 and set(rows) == {"dtd/train", "dtd/val", "dtd/test"}
+    assert "download suite=ct_transfer/dtd" in rows["dtd/val"]
+    write_dtd(tmp_path / "ct_transfer")
+    rc, rows, total = checks(capsys, "suite=ct_transfer/dtd", f"paths.data={tmp_path}")
+    assert rc == 0 and total == "3 found, 0 missing, 0 incomplete"
+
+
+def test_usage(capsys):
+    assert main([]) == 2 and "verify" in capsys.readouterr().err
+    assert imagenet.PARTS["test"].expected == 50_000 and imagenet.PARTS["ood/imagenet_a"].expected == 7_500

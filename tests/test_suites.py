@@ -1,0 +1,76 @@
+"""Real suites end to end on tiny trees written in each dataset's exact on-disk format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import pytest
+
+from rftbench.run import execute, run_folder
+from test_backbones import write_cifar10
+
+TINY = ["backbone=resnet18", "backbone.pretrained=false", "backbone.input.size=32", "method=ft",
+        "budget.epochs=1", "budget.batch_size=16", "num_workers=0"]
+
+
+def run_done(make_cfg, *overrides: str) -> pd.DataFrame:
+    cfg = make_cfg(*TINY, *overrides, experiment=None)
+    assert execute(cfg) == "done"
+    folder = run_folder(cfg).path
+    assert (folder / "done").exists()
+    return pd.read_csv(folder / "metrics.csv")
+
+
+def test_cifar10_file_backed_runs_end_to_end_with_the_default_eval(make_cfg, tmp_path, single_thread):
+    """The defect of issue 12: AutoAttack took `sub.x` (None) of a streamed test split."""
+    write_cifar10(tmp_path / "data" / "cifar10", n_train_per_batch=10, n_test=50)
+    m = run_done(make_cfg, "suite=cifar10", f"paths.data={tmp_path / 'data'}", "suite.build.corruptions=[]")
+    adv = m[m["split"] == "ood/adversarial/Linf"]
+    assert set(adv["metric"]) == {"robust_acc", "clean_acc"}
+    assert m[(m["split"] == "test") & (m["metric"] == "acc")]["value"].notna().all()
+    assert leaderboard_row(tmp_path, "cifar10")
+
+
+def leaderboard_row(tmp_path: Path, suite: str) -> bool:
+    from rftbench import leaderboard
+
+    board = leaderboard.build(tmp_path / "runs")
+    return bool((board["suite"] == suite).any())
+
+
+def write_cifar10_1(root: Path, n: int = 20, seed: int = 0) -> None:
+    """The CIFAR-10.1 v6 release files (`.npy`), tiny."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    np.save(root / "cifar10.1_v6_data.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+    np.save(root / "cifar10.1_v6_labels.npy", (np.arange(n) % 10).astype(np.int64))
+
+
+def test_cifar10_1_split_and_augmentation(make_cfg, tmp_path, caplog):
+    from rftbench.data.cifar import build_cifar
+
+    write_cifar10(tmp_path / "cifar10")
+    suite = build_cifar(root=str(tmp_path / "cifar10"), dataset="cifar10", seed=0, val_fraction=0.2, corruption_root=None,
+                        corruptions=[], severities=[], corruption_n=None, cifar10_1_root=str(tmp_path / "c101"))
+    assert "ood/cifar10_1" not in suite.splits and str(tmp_path / "c101") in caplog.text
+    write_cifar10_1(tmp_path / "c101")
+    suite = build_cifar(root=str(tmp_path / "cifar10"), dataset="cifar10", seed=0, val_fraction=0.2, corruption_root=None,
+                        corruptions=[], severities=[], corruption_n=None, cifar10_1_root=str(tmp_path / "c101"))
+    split = suite["ood/cifar10_1"]
+    assert len(split) == 20 and split.labels.tolist() == [i % 10 for i in range(20)]
+    x, _ = split.dataset[3]
+    raw = np.load(tmp_path / "c101" / "cifar10.1_v6_data.npy")[3]
+    assert torch.equal(x, torch.from_numpy(raw).permute(2, 0, 1).float() / 255)
+    assert suite.class_names == [f"c{i}" for i in range(10)]
+    cfg = make_cfg("suite=cifar10", experiment=None)
+    assert cfg.suite.train_transform.name == "crop_flip" and cfg.suite.train_transform.padding == 4
+
+
+def test_cifar10_1_runs_end_to_end(make_cfg, tmp_path, single_thread):
+    write_cifar10(tmp_path / "data" / "cifar10", n_train_per_batch=10, n_test=50)
+    write_cifar10_1(tmp_path / "data" / "CIFAR-10.1")
+    m = run_done(make_cfg, "suite=cifar10", f"paths.data={tmp_path / 'data'}", "suite.build.corruptions=[]",
+                 "eval.adversarial.enabled=false")
+    assert "ood/cifar10_1" in set(m["split"])
