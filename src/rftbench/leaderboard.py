@@ -55,7 +55,7 @@ SHOWN = [*list(HEADLINE)[:6], "effective_robustness", *list(HEADLINE)[6:]]
 BASELINES = ("zeroshot", "lp", "ft")
 SELECT_BY = "chosen/val_acc"
 # config keys that are not hyper-parameters of a variant (rftbench.run.COSMETIC plus the trial seed)
-NOT_VARIANT = ("paths", "device", "num_workers", "tracking", "launcher", "seed")
+NOT_VARIANT = ("paths", "device", "num_workers", "threads", "tracking", "launcher", "seed")
 
 
 def run_variants(runs_root: str | Path) -> dict[str, str]:

@@ -7,6 +7,7 @@ cost estimated from finished runs. Same arguments as the sweep:
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import pandas as pd
 from hydra import initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
@@ -42,12 +44,18 @@ def expand(master: DictConfig, loader) -> list[Job]:
     args = [f"{k}={v}" for k, v in params.items()] + list(master.hydra.overrides.task)
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(args)
     jobs = []
-    for overrides in BasicSweeper.split_arguments(parsed, None)[0]:
-        cfg = loader.load_sweep_config(master, list(overrides))
-        with read_write(cfg), open_dict(cfg):
-            del cfg["hydra"]
-        cfg = sample_hparams(cfg)
-        jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
+    # `${hydra:...}` in a task config (the SLURM preset's threads) resolves against the master config
+    hydra_cfg, before = HydraConfig.instance(), HydraConfig.instance().cfg
+    hydra_cfg.set_config(copy.deepcopy(master))  # (set_config makes its `hydra` node read-only)
+    try:
+        for overrides in BasicSweeper.split_arguments(parsed, None)[0]:
+            cfg = loader.load_sweep_config(master, list(overrides))
+            with read_write(cfg), open_dict(cfg):
+                del cfg["hydra"]
+            cfg = sample_hparams(cfg)
+            jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
+    finally:
+        hydra_cfg.cfg = before
     return jobs
 
 

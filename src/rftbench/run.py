@@ -29,7 +29,7 @@ from rftbench.utils import resolve_device, seed_everything, stable_hash
 log = logging.getLogger("rftbench")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Keys that do not change the work a run does: left out of the run id.
-COSMETIC = ("paths", "device", "num_workers", "tracking", "launcher")
+COSMETIC = ("paths", "device", "num_workers", "threads", "tracking", "launcher")
 HEAD_INITS = ("auto", "zeroshot", "random")
 
 
