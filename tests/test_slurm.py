@@ -105,6 +105,10 @@ def test_slurm_sweep_with_a_requeued_job_equals_a_basic_sweep(slurm_conf, tmp_pa
     path, m = hits[0]
     n = int(m.group(2))
     assert 1 <= n < 3 and requeued.name in logs[path]
+    print(f"requeued {requeued}: {m.group(0)}\n" + "\n".join(
+        line for line in logs[path].splitlines() if "rftbench" in line or "submitit" in line))
+    epochs = [int(e) for e in re.findall(r"\bepoch (\d)/3 ", logs[path][:m.start()])]
+    assert epochs[:n] == list(range(1, n + 1)), "the first attempt (same log, appended) trained epochs 1..N"
     after = [int(e) for e in re.findall(r"\bepoch (\d)/3 ", logs[path][m.end():])]
     assert after == list(range(n + 1, 4)), "the requeued attempt trains the remaining epochs only"
 
