@@ -20,8 +20,9 @@
 #   world-writable);
 # - no slurmdbd: accounting is off, so `sacct` does not work (submitit then reads job states from
 #   its result files and warns "Bypassing sacct error");
-# - short KillWait and cred_expire, so that `scontrol requeue` restarts a job within seconds
-#   (SLURM holds a requeued job back until its old credential expired: 120 s by default).
+# - short KillWait and cred_expire, so that `scontrol requeue` restarts a job within about 40 s
+#   (SLURM holds a requeued job back until its old credential expired, 120 s by default; then the
+#   backfill scheduler starts it). submitit ignores SIGTERM: a requeued job runs on for KillWait.
 set -euo pipefail
 
 DIR=${RFTBENCH_SLURM_DIR:-/tmp/rftbench-slurm}
