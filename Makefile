@@ -46,6 +46,12 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
+# the submitit_slurm preset against a real one-node SLURM on this machine (scripts/slurm_localhost.sh;
+# installs slurm-wlm and munge with apt-get when missing, so run it as root)
+.PHONY: test-slurm
+test-slurm: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_slurm.py
+
 # the committed benchmark: runs into $(RUNS), tables and plots into results/
 bench: $(STAMP)
 	$(PY) -m rftbench.run -m experiment=bench paths.runs=$(RUNS)

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -38,10 +39,12 @@ def locked() -> dict[str, str]:
 
 
 def test_lock_is_complete():
-    """Every distribution installed in this environment is in the lock, at the same version."""
+    """Every distribution installed in this environment is in the lock, at the same version (read off
+    site-packages: packages vendored inside others, e.g. setuptools' own, are not installed ones)."""
     pins = locked()
     missing, wrong = [], []
-    for dist in metadata.distributions():
+    site = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    for dist in metadata.distributions(path=site):
         name = _norm(dist.metadata["Name"])
         if name == "rftbench":
             continue

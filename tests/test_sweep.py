@@ -376,7 +376,8 @@ def test_launcher_presets_compose_and_slurm_preset_makes_the_sbatch_script(tmp_p
     targets = {}
     for name in ("basic", "joblib", "submitit_local", "submitit_slurm"):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=[f"launcher={name}", "hydra.launcher.partition=gpu"]
+            cfg = compose("config", overrides=[f"launcher={name}", "hydra.launcher.partition=gpu",
+                                               "hydra.launcher.gpus_per_node=1"]
                           if name == "submitit_slurm" else [f"launcher={name}"], return_hydra_config=True)
         targets[name] = cfg.hydra.launcher._target_.rsplit(".", 1)[1]
         assert cfg.launcher.name == name

@@ -21,6 +21,7 @@ from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
@@ -168,12 +169,18 @@ def expand(master: DictConfig, loader) -> list[Job]:
     args = [f"{k}={v}" for k, v in params.items()] + list(master.hydra.overrides.task)
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(args)
     jobs = []
-    for overrides in BasicSweeper.split_arguments(parsed, None)[0]:
-        cfg = loader.load_sweep_config(master, list(overrides))
-        with read_write(cfg), open_dict(cfg):
-            del cfg["hydra"]
-        cfg = sample_hparams(cfg)
-        jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
+    # `${hydra:...}` in a task config (the SLURM preset's threads) resolves against the master config
+    hydra_cfg, before = HydraConfig.instance(), HydraConfig.instance().cfg
+    hydra_cfg.set_config(copy.deepcopy(master))  # (set_config makes its `hydra` node read-only)
+    try:
+        for overrides in BasicSweeper.split_arguments(parsed, None)[0]:
+            cfg = loader.load_sweep_config(master, list(overrides))
+            with read_write(cfg), open_dict(cfg):
+                del cfg["hydra"]
+            cfg = sample_hparams(cfg)
+            jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
+    finally:
+        hydra_cfg.cfg = before
     return jobs
 
 
