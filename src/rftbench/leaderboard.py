@@ -26,7 +26,7 @@ import yaml
 
 from rftbench import plots
 from rftbench.metrics import LogitFit, effective_robustness
-from rftbench.results import load_metrics, run_folders
+from rftbench.results import damage, load_metrics, run_folders
 from rftbench.utils import stable_hash, write_text_atomic
 
 log = logging.getLogger("rftbench")
@@ -64,7 +64,7 @@ def run_variants(runs_root: str | Path) -> dict[str, str]:
     that do not change the work, so the trial seeds of one hyper-parameter setting share it."""
     out = {}
     for folder in run_folders(runs_root):
-        if (folder / "done").exists():
+        if (folder / "done").exists() and damage(folder) is None:
             cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
             for key in NOT_VARIANT:
                 cfg.pop(key, None)
@@ -291,6 +291,20 @@ def write(board: pd.DataFrame, out_dir: str | Path, lb: Leaderboard | None = Non
     return paths
 
 
+PLOT_FILES = ("*.png", "*.pdf", "*.svg")
+
+
+def remove_stale_plots(out_dir: str | Path, written: list[Path]) -> list[Path]:
+    """Delete the plot files in `out_dir` that this leaderboard did not write (left by an earlier
+    one, e.g. an `rws_coeff_*.png` beside tables without RWS runs); returns them."""
+    keep = {Path(p).resolve() for p in written}
+    stale = sorted(p for pattern in PLOT_FILES for p in Path(out_dir).glob(pattern) if p.resolve() not in keep)
+    for p in stale:
+        p.unlink()
+        log.info("removed stale plot %s", p)
+    return stale
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs", help="runs folder (paths.runs)")
@@ -305,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = write(lb.board, args.out, lb)
     if not args.no_plots:
         paths += plots.plot_all(lb.runs, lb.fits, args.runs, args.out)
+        remove_stale_plots(args.out, paths)
     print((Path(args.out) / "leaderboard.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
 

@@ -22,9 +22,10 @@ from omegaconf import DictConfig, open_dict, read_write
 from rftbench.results import RunFolder, load_metrics
 from rftbench.run import CONFIG_DIR, run_folder
 from rftbench.sweep import sample_hparams
+from rftbench.validate import validate_config
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-STATUSES = ("done", "failed", "running", "incomplete", "pending")
+STATUSES = ("done", "damaged", "failed", "running", "incomplete", "pending")
 COST_METRICS = ("adapt_time_s", "eval_time_s")
 
 
@@ -46,15 +47,19 @@ def expand(master: DictConfig, loader) -> list[Job]:
         cfg = loader.load_sweep_config(master, list(overrides))
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
+        validate_config(cfg)
         cfg = sample_hparams(cfg)
         jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
     return jobs
 
 
 def status(folder: RunFolder) -> str:
-    """done | failed | running (a live process holds its lock) | incomplete (interrupted) | pending."""
+    """done | damaged (marked done but incomplete: redone by the next sweep) | failed | running (a
+    live process holds its lock) | incomplete (interrupted) | pending."""
     if folder.done:
         return "done"
+    if folder.damage() is not None:
+        return "damaged"
     if folder.path.exists() and folder.lock_owner() is not None:
         return "running"
     return folder.status
@@ -119,7 +124,8 @@ def plan(overrides: list[str], config_dir: str = CONFIG_DIR) -> pd.DataFrame:
         rows.append({"job": i, "overrides": " ".join(vary), "suite": c["suite"], "backbone": c["backbone"],
                      "method": c["method"], "seed": int(job.cfg.seed), "run_id": job.folder.run_id,
                      "status": st, "cost_s": cost, "cost_basis": basis, "folder": str(job.folder.path),
-                     "error": error_line(job.folder) if st == "failed" else ""})
+                     "error": error_line(job.folder) if st == "failed" else
+                     job.folder.damage() if st == "damaged" else ""})
     return pd.DataFrame(rows)
 
 
@@ -143,6 +149,8 @@ def report(table: pd.DataFrame) -> str:
              + (f", {unknown} without an estimate" if unknown else "")]
     failed = table[table["status"] == "failed"]
     lines += [f"failed: {r.folder}: {r.error}" for r in failed.itertuples()]
+    lines += [f"damaged (redone by the next sweep): {r.folder}: {r.error}"
+              for r in table[table["status"] == "damaged"].itertuples()]
     return "\n".join(lines)
 
 

@@ -18,13 +18,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rftbench import sweep, tracking
-from rftbench.backbones import Classifier, create_backbone
+from rftbench.backbones import Classifier, create_backbone, require_weights
 from rftbench.data.base import Suite
 from rftbench.evaluate import evaluate, row
 from rftbench.methods.base import Adapted
 from rftbench.results import RunFolder, environment
 from rftbench.train import RunContext, count_params
 from rftbench.utils import apply_threads, resolve_device, seed_everything, stable_hash
+from rftbench.validate import validate_config
 
 log = logging.getLogger("rftbench")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -35,10 +36,16 @@ HEAD_INITS = ("auto", "zeroshot", "random")
 
 def run_id(cfg: DictConfig) -> str:
     """Hash of the resolved config minus cosmetic keys: the same id means the same work."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return run_id_of(OmegaConf.to_container(cfg, resolve=True))
+
+
+def run_id_of(resolved: dict) -> str:
+    """`run_id` of a resolved config as a plain dict (e.g. a run folder's config.yaml)."""
+    resolved = dict(resolved)
     for key in COSMETIC:
         resolved.pop(key, None)
-    resolved.get("eval", {}).pop("batch_size", None)
+    if isinstance(resolved.get("eval"), dict):
+        resolved["eval"] = {k: v for k, v in resolved["eval"].items() if k != "batch_size"}
     return stable_hash(resolved)
 
 
@@ -112,10 +119,15 @@ def _upstream_size(checkpoint: str | None) -> int:
 def execute(cfg: DictConfig) -> str:
     """Run one configuration into its run folder. Returns 'skipped' or 'done'; raises on failure
     after recording the error (the folder never gets `done`)."""
+    validate_config(cfg)
     folder = run_folder(cfg)
     if folder.done:
         log.info("skip %s: already done (%s)", folder.run_id, folder.path)
         return "skipped"
+    if folder.damage() is not None:
+        log.warning("redoing damaged run %s: %s", folder.path, folder.damage())
+    if cfg.backbone.get("pretrained") and cfg.backbone.get("checkpoint") is None:
+        require_weights(cfg.backbone.arch, cfg.backbone.source)  # offline: fail now, not after the data
     folder.start()
     folder.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:

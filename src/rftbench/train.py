@@ -26,7 +26,23 @@ log = logging.getLogger("rftbench")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite (or, for a linear probe, diverged)."""
+
+
+# A probe whose chosen head has a val loss above this many times chance level (log of the number of
+# classes) has diverged: worse than guessing by far, e.g. with a much too large probe.lr.
+PROBE_DIVERGED = 10.0
+
+
+def check_probe(head: nn.Module, val_feats: torch.Tensor, val_y: torch.Tensor, num_classes: int) -> None:
+    """Raise `NonFiniteLossError` when the chosen probe head's val loss is not finite or diverged."""
+    with torch.no_grad():
+        loss = F.cross_entropy(head(val_feats).float(), val_y).item()
+    chance = math.log(max(num_classes, 2))
+    if not math.isfinite(loss) or loss > PROBE_DIVERGED * chance:
+        raise NonFiniteLossError(
+            f"linear probe diverged: val loss {loss:.3g} of the chosen head (chance level {chance:.2f}); "
+            f"lower probe.lr")
 
 
 @dataclass
@@ -281,4 +297,5 @@ def fit_probe(train_feats: torch.Tensor, train_y: torch.Tensor, val_feats: torch
     if not math.isfinite(loss.item()):
         raise NonFiniteLossError("linear probe loss is not finite; lower probe.lr")
     head.load_state_dict(best[2])
+    check_probe(head, val_feats, val_y, num_classes)
     return ProbeResult(head.eval(), best[0], best[1])

@@ -15,14 +15,14 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from imagecorruptions import corrupt as _library_corrupt
-from safetensors.torch import load_file, save_file
+
+from rftbench.utils import load_cached, save_cached
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
@@ -105,17 +105,6 @@ def cache_key(pixels: np.ndarray, corruptions: Sequence[str], severities: Sequen
     return h.hexdigest()[:32]
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: Sequence[int], seed: int,
                   cache_dir: str | os.PathLike) -> dict[tuple[str, int], torch.Tensor]:
     """All (corruption, severity) versions of `images`, each as `corrupt` would return it.
@@ -131,8 +120,9 @@ def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: 
     pixels = _to_uint8(images)
     path = Path(cache_dir) / f"corrupted-{cache_key(pixels, corruptions, severities, seed)}.safetensors"
     names = {(c, s): f"{c}/{s}" for c in corruptions for s in severities}
-    if path.exists():
-        stored = load_file(path)
+    cached = load_cached(path)
+    if cached is not None:
+        stored = cached[0]
     else:
         stored = {
             key: torch.from_numpy(_corrupt_uint8(pixels, c, s, seed)).permute(0, 3, 1, 2).contiguous()
@@ -141,5 +131,5 @@ def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: 
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = dict(corruptions=json.dumps(corruptions), severities=json.dumps(severities),
                         seed=str(seed), library=LIBRARY_VERSION, format=str(CACHE_FORMAT_VERSION))
-        _atomic_save(stored, path, metadata)
+        save_cached(path, stored, metadata)
     return {cs: stored[key].float().div(255.0) for cs, key in names.items()}

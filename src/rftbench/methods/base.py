@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rftbench.train import RunContext
-from rftbench.utils import save_tensors_atomic, stable_hash
+from rftbench.utils import load_cached, save_cached, stable_hash
 
 log = logging.getLogger("rftbench")
 
@@ -53,20 +53,17 @@ def cached_training(model: nn.Module, ctx: RunContext, key: dict,
     `<cache>/models/<hash>.safetensors`, keyed by the run's starting point (`ctx.spec`: backbone,
     suite, seed) plus `key` (the training recipe). Methods that need the same fine-tuning (WiSE-FT,
     RWS, LP-FT) share one training run this way. `model` is updated in place on a cache hit."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = ctx.cache_dir / "models" / f"{stable_hash({'start': ctx.spec, 'recipe': key})}.safetensors"
-    if path.exists():
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        model.load_state_dict(load_file(str(path), device=str(ctx.device)))
+    cached = load_cached(path, device=str(ctx.device))
+    if cached is not None:
+        state, meta = cached
+        model.load_state_dict(state)
         log.info("reused cached training %s", path.name)
         info = json.loads(meta.get("info", "{}"))
         info["cached_train_time_s"] = info.pop("train_time_s", 0.0)
         return Adapted(model.eval(), int(meta.get("trainable_params", 0)), info=info)
     adapted = train(model)
     info = {k: v for k, v in adapted.info.items() if isinstance(v, (int, float, str))}
-    save_tensors_atomic(path, adapted.model.state_dict(),
+    save_cached(path, adapted.model.state_dict(),
                         {"info": json.dumps(info), "trainable_params": str(adapted.trainable_params)})
     return adapted

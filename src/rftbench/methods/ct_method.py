@@ -40,6 +40,7 @@ from rftbench.train import (
     ProbeResult,
     RunContext,
     accuracy_on,
+    check_probe,
     extract_features,
     fit,
     make_scheduler,
@@ -130,6 +131,7 @@ def fast_fit_probe(train_feats: torch.Tensor, train_y: torch.Tensor, val_feats: 
     with torch.no_grad():
         head.weight.copy_(best[2][:c * d].view(c, d))
         head.bias.copy_(best[2][c * d:])
+    check_probe(head, val_feats, val_y, num_classes)
     return ProbeResult(head.eval(), best[0], best[1])
 
 
