@@ -46,6 +46,19 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("rftbench.gpu_count", gpu_count)
     if not OmegaConf.has_resolver("rftbench.parallel_jobs"):
         OmegaConf.register_new_resolver("rftbench.parallel_jobs", lambda: gpu_count() or available_cores())
+    if not OmegaConf.has_resolver("rftbench.writable"):
+        OmegaConf.register_new_resolver("rftbench.writable", writable)
+
+
+def writable(folder: str) -> str:
+    """`folder` if this process may write there (or create it), else a folder under the system temp
+    dir: Hydra's logs of a sweep over a read-only runs folder (finished runs are skipped without
+    writing)."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if os.access(existing, os.W_OK | os.X_OK):
+        return folder
+    return str(Path(tempfile.gettempdir()) / f"rftbench-{os.getuid()}" / path.relative_to(path.anchor))
 
 
 def draw(dist: str, args: list, rng: np.random.Generator) -> Any:
