@@ -218,6 +218,26 @@ def test_7_upstream_checkpoint_is_rebuilt(tmp_path):
 
 # ---- 9, 10, 11: damaged run folders -----------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def done_runs(tmp_path_factory, cache_dir) -> Path:
+    """A runs folder with one finished zeroshot run of the tiny preset (copied by each test)."""
+    from hydra import compose, initialize_config_dir
+
+    from rftbench.run import CONFIG_DIR
+
+    runs = tmp_path_factory.mktemp("done") / "runs"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=tiny", f"paths.runs={runs}", f"paths.cache={cache_dir}",
+                                           "device=cpu", "method=zeroshot"])
+    assert execute(cfg) == "done"
+    return runs
+
+
+def copy_runs(done_runs: Path, tmp_path: Path) -> Path:
+    shutil.copytree(done_runs, tmp_path / "runs")
+    return tmp_path / "runs"
+
+
 def other_yaml(folder: Path) -> None:
     """Another run's valid config in place of the folder's own."""
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
@@ -231,10 +251,10 @@ def other_yaml(folder: Path) -> None:
     (other_yaml, "config.yaml gives run id"),
     (lambda p: (p / "config.yaml").unlink(), "config.yaml is missing"),
 ])
-def test_9_10_11_damaged_run_is_reported_skipped_and_redone(make_cfg, tmp_path, damage, problem, caplog, capsys):
-    runs = tmp_path / "runs"
+def test_9_10_11_damaged_run_is_reported_skipped_and_redone(make_cfg, tmp_path, done_runs, damage, problem, caplog):
+    runs = copy_runs(done_runs, tmp_path)
     cfg = make_cfg("method=zeroshot")
-    assert execute(cfg) == "done"
+    assert run_folder(cfg).done
     folder = run_folder(cfg)
     damage(folder.path)
     assert not folder.done and folder.status == "damaged" and problem in folder.damage()
@@ -251,11 +271,11 @@ def test_9_10_11_damaged_run_is_reported_skipped_and_redone(make_cfg, tmp_path, 
 
 # ---- 12: read-only runs folder -------------------------------------------------------------------
 
-def test_12_skipping_finished_runs_needs_no_write_access(make_cfg, monkeypatch, tmp_path):
+def test_12_skipping_finished_runs_needs_no_write_access(make_cfg, monkeypatch, tmp_path, done_runs):
     from rftbench import results
 
+    copy_runs(done_runs, tmp_path)
     cfg = make_cfg("method=zeroshot")
-    assert execute(cfg) == "done"
 
     def refuse(*args, **kwargs):
         raise PermissionError("read-only")
