@@ -3,6 +3,7 @@ recorded baseline set, hyper-parameter variants chosen on validation, CSV/Markdo
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -11,13 +12,14 @@ import yaml
 
 from rftbench import leaderboard as lb
 from rftbench.results import RunFolder
+from rftbench.run import run_id_of
 
 
 def add_run(root, method: str, seed: int, id_acc: float, ood_acc: float, *, val: float = 0.5, ece: float = 0.1,
             lr: float = 0.01, backbone: str = "b") -> str:
-    run_id = f"{method}-{seed}-{lr}-{backbone}"
     cfg = {"seed": seed, "method": {"name": method, "lr": lr}, "suite": {"name": "digits"},
            "backbone": {"name": backbone}, "paths": {"runs": str(root)}, "device": "cpu"}
+    run_id = run_id_of(cfg)  # as the runner names it (the leaderboard checks)
     folder = RunFolder(root, "digits", backbone, method, run_id)
     folder.path.mkdir(parents=True)
     folder.write_text("config.yaml", yaml.safe_dump(cfg))
@@ -133,16 +135,32 @@ def test_outputs_csv_markdown_latex_and_plots(runs, tmp_path):
     assert (out / "id_vs_ood_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def number_like_run_ids() -> list[tuple[dict, str]]:
+    """Two configs differing only in the seed whose run ids read as numbers (digits with one 'e';
+    digits only)."""
+    found = {}
+    for seed in range(200_000):
+        cfg = {"seed": seed, "method": {"name": "ft"}}
+        rid = run_id_of(cfg)
+        for kind, pattern in (("float", r"[1-9]\d*e\d+"), ("int", r"[1-9]\d+")):
+            if kind not in found and re.fullmatch(pattern, rid):
+                found[kind] = (cfg, rid)
+        if len(found) == 2:
+            return [found["float"], found["int"]]
+    raise AssertionError("no number-like run ids found")
+
+
 def test_run_ids_that_look_like_numbers_stay_strings(tmp_path):
     root = tmp_path / "runs"
-    for seed, run_id in enumerate(["49880825710592e7", "1234567890123456"]):
+    for cfg, run_id in number_like_run_ids():
+        seed = cfg["seed"]
         folder = RunFolder(root, "digits", "b", "ft", run_id)
         folder.path.mkdir(parents=True)
-        folder.write_text("config.yaml", yaml.safe_dump({"seed": seed, "method": {"name": "ft"}}))
+        folder.write_text("config.yaml", yaml.safe_dump(cfg))
         folder.write_metrics([{"split": "test", "metric": "acc", "value": 0.5 + seed / 10}], seed)
         folder.finish()
     res = lb.build_all(root, ("ft",))
-    assert sorted(res.runs["run_id"]) == ["1234567890123456", "49880825710592e7"]
+    assert sorted(res.runs["run_id"]) == sorted(run_id for _, run_id in number_like_run_ids())
     assert res.board.loc[0, "n_seeds"] == 2 and res.board.loc[0, "n_variants"] == 1
 
 

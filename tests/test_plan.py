@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from omegaconf import OmegaConf
 
 from rftbench.plan import estimate, plan, report
 from rftbench.results import RunFolder, _start_time
@@ -19,9 +20,9 @@ def folder_of(row) -> RunFolder:
     return RunFolder(Path(row.folder).parents[3], row.suite, row.backbone, row.method, row.run_id)
 
 
-def finish(folder: RunFolder, seed: int, adapt_s: float, eval_s: float) -> None:
+def finish(folder: RunFolder, seed: int, adapt_s: float, eval_s: float, cfg) -> None:
     folder.start()
-    folder.write_text("config.yaml", "seed: %d\n" % seed)
+    folder.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # re-derives the run id
     folder.write_metrics([{"split": "-", "metric": "adapt_time_s", "value": adapt_s},
                           {"split": "-", "metric": "eval_time_s", "value": eval_s},
                           {"split": "test", "metric": "acc", "value": 0.5}], seed)
@@ -40,8 +41,8 @@ def test_plan_of_a_partly_finished_sweep(make_cfg, tmp_path, capsys):
         assert row.folder == str(run_folder(cfg).path)
 
     z0, z1, z2, l0, l1, l2 = (folder_of(r) for r in table.itertuples())
-    finish(z0, 0, 10.0, 2.0)
-    finish(z1, 1, 20.0, 4.0)
+    finish(z0, 0, 10.0, 2.0, make_cfg("method=zeroshot", "seed=0", runs=runs))
+    finish(z1, 1, 20.0, 4.0, make_cfg("method=zeroshot", "seed=1", runs=runs))
     z2.start()
     z2.fail(ValueError("bad head"))
     holder = subprocess.Popen(["sleep", "60"])  # a live process computing l0

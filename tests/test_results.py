@@ -6,6 +6,7 @@ import os
 import pytest
 
 from rftbench.results import COLUMNS, RunFolder, load_metrics
+from rftbench.run import run_id_of
 from rftbench.utils import atomic_path, write_text_atomic
 
 
@@ -23,7 +24,7 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
 
 
 def test_run_folder_lifecycle(tmp_path):
-    f = RunFolder(tmp_path, "digits", "b/x", "ft", "abc")
+    f = RunFolder(tmp_path, "digits", "b/x", "ft", run_id_of({"x": 1}))
     assert f.status == "pending"
     f.start()
     assert f.status == "running" and not f.done  # this process holds the lock

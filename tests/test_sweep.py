@@ -196,7 +196,10 @@ def _foreign_lock(folder: RunFolder, **owner) -> None:
 def test_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(tmp_path):
     import socket
 
-    folder = RunFolder(tmp_path, "s", "b", "m", "r1")
+    from rftbench.run import run_id_of
+
+    r1 = run_id_of({"x": 1})  # a complete run: its config.yaml re-derives its id
+    folder = RunFolder(tmp_path, "s", "b", "m", r1)
     holder = subprocess.Popen(["sleep", "60"])
     try:
         _foreign_lock(folder, host=socket.gethostname(), pid=holder.pid, started=_start_time(holder.pid))
@@ -208,10 +211,12 @@ def test_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(tmp_path)
         holder.wait()
     folder.start()  # the owner died: stale
     assert folder.lock.owner()["token"] == folder.lock.token
+    folder.write_text("config.yaml", "x: 1\n")
+    folder.write_metrics([{"split": "test", "metric": "acc", "value": 0.5}], 0)
     folder.finish()
     assert folder.status == "done" and not (folder.path / ".lock").exists()
     with pytest.raises(RunBusy, match="finished by another process"):
-        RunFolder(tmp_path, "s", "b", "m", "r1").start()
+        RunFolder(tmp_path, "s", "b", "m", r1).start()
 
 
 def test_lock_from_another_host_is_stale_only_without_heartbeat_or_for_the_same_slurm_job(tmp_path, monkeypatch):

@@ -6,10 +6,13 @@ parts (`normalize`, `body`, `head`) and on `features(x)`.
 """
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -69,6 +72,9 @@ def create_backbone(
         raise ValueError(f"backbone {name} with activation={activation}: the library's pretrained weights were "
                          f"trained with GELU; set pretrained=false and backbone.checkpoint to weights trained "
                          f"with {activation}")
+    pretrained = pretrained and checkpoint is None  # a checkpoint replaces the library's weights
+    if pretrained and source in ("timm", "torchvision"):
+        require_weights(name, source)
     if source == "timm":
         raw = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         split = _split_timm
@@ -128,6 +134,60 @@ def _load_raw(raw: nn.Module, state: dict[str, torch.Tensor], source: str) -> No
         if source != "timm" or convert is None:
             raise
     raw.load_state_dict(convert(state, raw))
+class WeightsUnavailable(RuntimeError):
+    """Pre-trained weights are neither cached nor downloadable (offline)."""
+
+
+def weights_location(name: str, source: str) -> tuple[Path | None, str | None]:
+    """(the cached weights file or None, where they are looked for) of a timm / torchvision model;
+    (None, None) when the library has no weights to look up."""
+    if source == "timm":
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None:
+            return None, None
+        if cfg.hf_hub_id:
+            from huggingface_hub import constants, try_to_load_from_cache
+
+            repo = cfg.hf_hub_id.split("@")[0]
+            for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+                hit = try_to_load_from_cache(repo, filename)
+                if isinstance(hit, str):
+                    return Path(hit), hit
+            return None, str(Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}")
+        url = cfg.url
+    else:
+        try:
+            url = torchvision.models.get_model_weights(name).DEFAULT.url
+        except (ValueError, AttributeError):
+            return None, None
+    if not url:
+        return None, None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    return (path if path.exists() else None), str(path)
+
+
+def online(host: str = "huggingface.co", timeout: float = 2.5) -> bool:
+    """False under HF_HUB_OFFLINE=1, or when `host` does not answer within `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_weights(name: str, source: str) -> None:
+    """Fail at once (`WeightsUnavailable`) when `name`'s pre-trained weights are not cached and this
+    machine is offline, instead of waiting on the download's retries."""
+    cached, where = weights_location(name, source)
+    if cached is not None or where is None:
+        return
+    host = "huggingface.co" if source == "timm" and "models--" in where else "download.pytorch.org"
+    if not online(host):
+        raise WeightsUnavailable(
+            f"no internet and no cached weights for {source} model {name} (looked in {where}); download "
+            f"them on a machine with internet, or set backbone.checkpoint=<file> (or backbone.pretrained=false)")
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ Returns long-format rows (docs/protocol.md section 6) without the run columns, w
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from rftbench import metrics
 from rftbench.data.base import Split, Suite, balanced_subset
-from rftbench.train import RunContext, predict
+from rftbench.train import NonFiniteLossError, RunContext, predict
 
 log = logging.getLogger("rftbench")
 
@@ -70,8 +71,16 @@ def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict) -> list
     n_images = 0
     for split in suite.eval_splits():
         logits = masked(predict(model, split, ctx), split)
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLossError(f"the adapted model gives non-finite logits on {split.name}: it diverged; "
+                                     f"lower the method's learning rate")
         n_images += len(split)
-        rows += split_rows(split, logits, cfg["ece_bins"])
+        new = split_rows(split, logits, cfg["ece_bins"])
+        rows += new
+        nll = next(r["value"] for r in new if r["metric"] == "nll")
+        if not math.isfinite(nll):
+            raise NonFiniteLossError(f"NLL on {split.name} is {nll}: the adapted model diverged; lower the "
+                                     f"method's learning rate")
     eval_time = time.perf_counter() - t0
     rows += summary_rows(rows)
     rows.append(row("-", "eval_images_per_s", n_images / max(eval_time, 1e-9), shift="id"))

@@ -5,7 +5,7 @@
 - `variant_id`: the same without the trial seed, shared by the seeds of one hyper-parameter setting
   (the leaderboard's variants);
 - `start_spec`: a run's starting point (backbone, suite, seed), the key of artifacts runs share;
-- `run_folder`: `<paths.runs>/<suite>/<backbone>/<method>/<run_id>/`.
+- the run folder `<paths.runs>/<suite>/<backbone>/<method>/<run_id>/` (`rftbench.results.run_folder`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rftbench.results import RunFolder
 from rftbench.utils import stable_hash
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -35,7 +34,12 @@ def _work(resolved: dict, drop: tuple[str, ...] = ()) -> dict:
 
 def run_id(cfg: DictConfig) -> str:
     """Hash of the resolved config minus `NOT_WORK`: the same id means the same work."""
-    return stable_hash(_work(OmegaConf.to_container(cfg, resolve=True)))
+    return run_id_of(OmegaConf.to_container(cfg, resolve=True))
+
+
+def run_id_of(resolved: dict) -> str:
+    """`run_id` of a resolved config given as a plain dict (e.g. a run folder's config.yaml)."""
+    return stable_hash(_work(copy.deepcopy(resolved)))
 
 
 def variant_id(resolved: dict) -> str:
@@ -48,7 +52,3 @@ def start_spec(cfg: DictConfig) -> dict:
     """What defines a run's starting point (backbone, suite, seed): the key of shared artifacts."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return {k: resolved[k] for k in ("backbone", "suite", "seed")}
-
-
-def run_folder(cfg: DictConfig) -> RunFolder:
-    return RunFolder(cfg.paths.runs, cfg.suite.name, cfg.backbone.name, cfg.method.name, run_id(cfg))

@@ -28,7 +28,7 @@ import yaml
 from rftbench import plots
 from rftbench.identity import NOT_WORK, variant_id
 from rftbench.metrics import LogitFit, effective_robustness
-from rftbench.results import load_metrics, run_folders
+from rftbench.results import damage, load_metrics, run_folders
 from rftbench.selection import select
 from rftbench.utils import write_text_atomic
 
@@ -67,9 +67,27 @@ def run_variants(runs_root: str | Path) -> dict[str, str]:
     that do not change the work, so the trial seeds of one hyper-parameter setting share it."""
     out = {}
     for folder in run_folders(runs_root):
-        if (folder / "done").exists():
+        if (folder / "done").exists() and damage(folder) is None:
             out[folder.name] = variant_id(yaml.safe_load((folder / "config.yaml").read_text()) or {})
     return out
+
+
+def variant_hparams(runs_root: str | Path) -> pd.DataFrame:
+    """variant -> the values its runs used for the keys of their search space (`method.search` and
+    `hp_search`, `rftbench.sweep.search_space`), as columns `hp/<key>` (read off config.yaml)."""
+    from omegaconf import OmegaConf
+
+    from rftbench.sweep import search_space
+
+    rows = {}
+    for folder in run_folders(runs_root):
+        if not (folder / "done").exists():
+            continue
+        cfg = OmegaConf.create(yaml.safe_load((folder / "config.yaml").read_text()) or {})
+        keys = [spec.get("key") for spec in (search_space(cfg) or []) if spec.get("key")]
+        rows.setdefault(variant_id(OmegaConf.to_container(cfg)), {}).update(
+            {f"hp/{k}": OmegaConf.select(cfg, k, default=None) for k in keys})
+    return pd.DataFrame([{"variant": v, **hp} for v, hp in rows.items()], columns=None)
 
 
 def provenance(runs_root: str | Path) -> dict[str, dict[str, str]]:
@@ -216,6 +234,9 @@ def build_all(runs_root: str | Path, baselines=BASELINES) -> Leaderboard:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
     runs, fits, er_fits = add_effective_robustness(runs, baselines)
     variants = aggregate(runs)
+    hp = variant_hparams(runs_root)
+    if len(hp.columns) > 1:  # the drawn values of each variant, for leaderboard_variants.csv
+        variants = variants.merge(hp, on="variant", how="left")
     board = add_provenance(flag_noise(select_variants(variants)), runs, provenance(runs_root))
     return Leaderboard(board, variants, runs, fits, er_fits)
 
@@ -296,6 +317,20 @@ def write(board: pd.DataFrame, out_dir: str | Path, lb: Leaderboard | None = Non
     return paths
 
 
+PLOT_FILES = ("*.png", "*.pdf", "*.svg")
+
+
+def remove_stale_plots(out_dir: str | Path, written: list[Path]) -> list[Path]:
+    """Delete the plot files in `out_dir` that this leaderboard did not write (left by an earlier
+    one, e.g. an `rws_coeff_*.png` beside tables without RWS runs); returns them."""
+    keep = {Path(p).resolve() for p in written}
+    stale = sorted(p for pattern in PLOT_FILES for p in Path(out_dir).glob(pattern) if p.resolve() not in keep)
+    for p in stale:
+        p.unlink()
+        log.info("removed stale plot %s", p)
+    return stale
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs", help="runs folder (paths.runs)")
@@ -310,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = write(lb.board, args.out, lb)
     if not args.no_plots:
         paths += plots.plot_all(lb.runs, lb.fits, args.runs, args.out)
+        remove_stale_plots(args.out, paths)
     print((Path(args.out) / "leaderboard.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
 

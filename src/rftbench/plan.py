@@ -19,7 +19,7 @@ from rftbench.identity import CONFIG_DIR
 from rftbench.results import load_metrics
 from rftbench.sweep import Job, error_line, expand  # noqa: F401 (Job: the rows' type)
 
-STATUSES = ("done", "failed", "running", "incomplete", "pending")
+STATUSES = ("done", "damaged", "failed", "running", "incomplete", "pending")
 COST_METRICS = ("adapt_time_s", "eval_time_s")
 
 
@@ -75,7 +75,8 @@ def plan(overrides: list[str], config_dir: str = CONFIG_DIR) -> pd.DataFrame:
         rows.append({"job": i, "overrides": " ".join(vary), "suite": c["suite"], "backbone": c["backbone"],
                      "method": c["method"], "seed": int(job.cfg.seed), "run_id": job.folder.run_id,
                      "status": st, "cost_s": cost, "cost_basis": basis, "folder": str(job.folder.path),
-                     "error": error_line(job.folder) if st == "failed" else ""})
+                     "error": error_line(job.folder) if st == "failed" else
+                     job.folder.damage() if st == "damaged" else ""})
     return pd.DataFrame(rows)
 
 
@@ -99,6 +100,8 @@ def report(table: pd.DataFrame) -> str:
              + (f", {unknown} without an estimate" if unknown else "")]
     failed = table[table["status"] == "failed"]
     lines += [f"failed: {r.folder}: {r.error}" for r in failed.itertuples()]
+    lines += [f"damaged (redone by the next sweep): {r.folder}: {r.error}"
+              for r in table[table["status"] == "damaged"].itertuples()]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -26,7 +27,9 @@ from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
+import yaml
 
+from rftbench.identity import run_id, run_id_of
 from rftbench.utils import write_text_atomic
 
 COLUMNS = ["run_id", "suite", "backbone", "method", "seed", "split", "shift", "corruption",
@@ -171,13 +174,19 @@ class RunFolder:
 
     @property
     def done(self) -> bool:
-        return (self.path / "done").exists()
+        """Finished and complete: the `done` marker, and no `damage`."""
+        return (self.path / "done").exists() and self.damage() is None
+
+    def damage(self) -> str | None:
+        """What is wrong with a folder marked `done` (None if nothing, or if not marked done)."""
+        return damage(self.path)
 
     @property
     def status(self) -> str:
-        """done | running (a live process holds its lock) | failed | incomplete (interrupted) | pending."""
-        if self.done:
-            return "done"
+        """done | damaged (marked done, but incomplete: redone by the next sweep) | running (a live
+        process holds its lock) | failed | incomplete (interrupted) | pending."""
+        if (self.path / "done").exists():
+            return "damaged" if self.damage() is not None else "done"
         if self.path.exists() and self.lock_owner() is not None:
             return "running"
         if (self.path / "error.txt").exists():
@@ -193,6 +202,7 @@ class RunFolder:
         if self.done:
             self.lock.release()
             raise RunBusy(f"run {self.path} was finished by another process meanwhile")
+        (self.path / "done").unlink(missing_ok=True)  # a damaged run is redone
         if (self.path / "error.txt").exists():
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
         for stale in ("error.txt", "metrics.csv", "info.json"):
@@ -269,17 +279,78 @@ def git_state() -> dict:
     return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
 
 
-def run_folders(root: str | Path) -> list[Path]:
-    """Every run folder under `root` (any status); hidden folders (Hydra's `.hydra/`) are not runs."""
+def run_folders(root: str | Path, with_damaged: bool = False) -> list[Path]:
+    """Every run folder under `root` (any status; `with_damaged`: also folders marked done whose
+    config.yaml is gone); hidden folders (Hydra's `.hydra/`) are not runs."""
     root = Path(root)
-    return sorted(p.parent for p in root.glob("*/*/*/*/config.yaml")
-                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    found = {p.parent for p in root.glob("*/*/*/*/config.yaml")}
+    if with_damaged:
+        found |= {p.parent for p in root.glob("*/*/*/*/done")}
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+_warned_damage: set[str] = set()
+
+
+def warn_damaged(folder: Path, problem: str) -> None:
+    """One warning per damaged run folder and process."""
+    if str(folder) not in _warned_damage:
+        _warned_damage.add(str(folder))
+        logging.getLogger("rftbench").warning(
+            "damaged run %s: %s; left out (the next sweep that includes it redoes it)", folder, problem)
+
+
+REQUIRED = ("config.yaml", "metrics.csv")  # what the leaderboard and plans read off a finished run
+
+
+def damage(folder: str | Path) -> str | None:
+    """Why a run folder marked `done` is not a complete run, or None: a required file missing or
+    unreadable, or a `config.yaml` whose run id (`rftbench.run.run_id`) is not the folder's name."""
+    folder = Path(folder)
+    if not (folder / "done").exists():
+        return None
+    for name in REQUIRED:
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        if not isinstance(cfg, dict):
+            return "config.yaml is not a run config"
+        for name in ("info.json", "env.json"):  # optional, but readable when present
+            if (folder / name).exists():
+                json.loads((folder / name).read_text())
+        metrics = pd.read_csv(folder / "metrics.csv", dtype={"run_id": str})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, pd.errors.ParserError) as exc:
+        return f"unreadable file: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if list(metrics.columns) != COLUMNS or metrics.empty:
+        return "metrics.csv does not have the metrics columns or rows"
+
+    try:
+        derived = run_id_of(cfg)
+    except Exception as exc:  # a valid YAML file that is not a run config
+        return f"config.yaml is not a run config ({type(exc).__name__}: {exc})"
+    if derived != folder.name:
+        return f"config.yaml gives run id {derived}, not the folder's {folder.name}"
+    return None
 
 
 def load_metrics(root: str | Path) -> pd.DataFrame:
-    """Concatenated metrics of the finished (`done`) runs under `root`."""
-    frames = [pd.read_csv(p / "metrics.csv", dtype={"run_id": str}) for p in run_folders(root)
-              if (p / "done").exists()]  # run ids such as 1234e567 are not numbers
+    """Concatenated metrics of the finished (`done`) runs under `root`; damaged runs (`damage`) are
+    left out with a warning naming them."""
+    frames = []
+    for p in run_folders(root, with_damaged=True):
+        if not (p / "done").exists():
+            continue
+        problem = damage(p)
+        if problem is not None:
+            warn_damaged(p, problem)
+            continue
+        frames.append(pd.read_csv(p / "metrics.csv", dtype={"run_id": str}))  # ids like 1234e567 are not numbers
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat(frames, ignore_index=True)
+
+
+def run_folder(cfg) -> RunFolder:
+    """The run folder of a composed config: `<paths.runs>/<suite>/<backbone>/<method>/<run_id>/`."""
+    return RunFolder(cfg.paths.runs, cfg.suite.name, cfg.backbone.name, cfg.method.name, run_id(cfg))

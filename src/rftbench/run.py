@@ -19,14 +19,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rftbench import sweep, tracking
-from rftbench.backbones import Classifier, create_backbone
+from rftbench.backbones import Classifier, create_backbone, require_weights
 from rftbench.data.base import Suite
 from rftbench.evaluate import evaluate, row
-from rftbench.identity import CONFIG_DIR, run_folder, run_id, start_spec  # noqa: F401 (the runner's API)
+from rftbench.identity import CONFIG_DIR, run_id, run_id_of, start_spec  # noqa: F401 (the runner's API)
 from rftbench.methods.base import Adapted, validate
-from rftbench.results import environment
+from rftbench.results import environment, run_folder
 from rftbench.train import RunContext, count_params
 from rftbench.utils import apply_threads, resolve_device, seed_everything
+from rftbench.validate import validate_config
 
 log = logging.getLogger("rftbench")
 HEAD_INITS = ("auto", "zeroshot", "random")
@@ -115,10 +116,15 @@ def _upstream_size(checkpoint: str | None) -> int:
 def execute(cfg: DictConfig) -> str:
     """Run one configuration into its run folder. Returns 'skipped' or 'done'; raises on failure
     after recording the error (the folder never gets `done`)."""
+    validate_config(cfg)
     folder = run_folder(cfg)
     if folder.done:
         log.info("skip %s: already done (%s)", folder.run_id, folder.path)
         return "skipped"
+    if folder.damage() is not None:
+        log.warning("redoing damaged run %s: %s", folder.path, folder.damage())
+    if cfg.backbone.get("pretrained") and cfg.backbone.get("checkpoint") is None:
+        require_weights(cfg.backbone.arch, cfg.backbone.source)  # offline: fail now, not after the data
     folder.start()
     folder.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:

@@ -26,8 +26,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from rftbench.identity import run_folder
-from rftbench.results import RunBusy, RunFolder
+from rftbench.results import RunBusy, RunFolder, run_folder
+from rftbench.validate import validate_config
 from rftbench.utils import available_cores, stable_hash, write_text_atomic
 
 log = logging.getLogger("rftbench")
@@ -51,6 +51,19 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("rftbench.gpu_count", gpu_count)
     if not OmegaConf.has_resolver("rftbench.parallel_jobs"):
         OmegaConf.register_new_resolver("rftbench.parallel_jobs", lambda: gpu_count() or available_cores())
+    if not OmegaConf.has_resolver("rftbench.writable"):
+        OmegaConf.register_new_resolver("rftbench.writable", writable)
+
+
+def writable(folder: str) -> str:
+    """`folder` if this process may write there (or create it), else a folder under the system temp
+    dir: Hydra's logs of a sweep over a read-only runs folder (finished runs are skipped without
+    writing)."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if os.access(existing, os.W_OK | os.X_OK):
+        return folder
+    return str(Path(tempfile.gettempdir()) / f"rftbench-{os.getuid()}" / path.relative_to(path.anchor))
 
 
 def draw(dist: str, args: list, rng: np.random.Generator) -> Any:
@@ -177,6 +190,7 @@ def expand(master: DictConfig, loader) -> list[Job]:
             cfg = loader.load_sweep_config(master, list(overrides))
             with read_write(cfg), open_dict(cfg):
                 del cfg["hydra"]
+            validate_config(cfg)
             cfg = sample_hparams(cfg)
             jobs.append(Job(list(overrides), cfg, run_folder(cfg)))
     finally:

@@ -27,7 +27,23 @@ log = logging.getLogger("rftbench")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite (or, for a linear probe, diverged)."""
+
+
+# A probe whose chosen head has a val loss above this many times chance level (log of the number of
+# classes) has diverged: worse than guessing by far, e.g. with a much too large probe.lr.
+PROBE_DIVERGED = 10.0
+
+
+def check_probe(head: nn.Module, val_feats: torch.Tensor, val_y: torch.Tensor, num_classes: int) -> None:
+    """Raise `NonFiniteLossError` when the chosen probe head's val loss is not finite or diverged."""
+    with torch.no_grad():
+        loss = F.cross_entropy(head(val_feats).float(), val_y).item()
+    chance = math.log(max(num_classes, 2))
+    if not math.isfinite(loss) or loss > PROBE_DIVERGED * chance:
+        raise NonFiniteLossError(
+            f"linear probe diverged: val loss {loss:.3g} of the chosen head (chance level {chance:.2f}); "
+            f"lower probe.lr")
 
 
 @dataclass
@@ -303,6 +319,7 @@ def fit_probes(train_feats: torch.Tensor, train_y: torch.Tensor, val_feats: torc
         with torch.no_grad():
             h.weight.copy_(b.payload[0])
             h.bias.copy_(b.payload[1])
+        check_probe(h, val_feats[len(out)], val_y, num_classes)
         out.append(ProbeResult(h.eval().requires_grad_(True), b.score, b.candidate))
     return out
 

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import random
 import tempfile
@@ -181,3 +182,53 @@ def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], meta
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+DIGEST_KEY = "rftbench_sha256"  # safetensors metadata key: the content digest of a cache entry
+_warned: set[str] = set()
+
+
+def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted (name, shape, dtype, bytes) of every tensor."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0")
+        h.update(tensor_digest(tensors[name]).encode())
+    return h.hexdigest()
+
+
+def save_cached(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A cache entry: `tensors` written atomically with their content digest in the metadata, so
+    that `load_cached` can tell an intact entry from a truncated or garbled one."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_tensors_atomic(path, tensors, {**(metadata or {}), DIGEST_KEY: _content_digest(tensors)})
+
+
+def load_cached(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(tensors, metadata) of a `save_cached` entry; None when there is none. An entry that cannot be
+    read, or whose content does not match its digest, is corrupt: it is named in one warning and
+    deleted, and None tells the caller to rebuild it."""
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+        digest = metadata.get(DIGEST_KEY)
+        problem = (None if digest == _content_digest(tensors) else "content digest mismatch" if digest
+                   else "no content digest")
+    except Exception as exc:  # safetensors raises its own error types for truncated/garbled headers
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is not None:
+        if str(path) not in _warned:
+            _warned.add(str(path))
+            logging.getLogger("rftbench").warning("corrupt cache entry %s (%s): deleted, rebuilding it",
+                                                  path, problem)
+        path.unlink(missing_ok=True)
+        return None
+    metadata.pop(DIGEST_KEY)
+    return {k: v.to(device) for k, v in tensors.items()}, metadata

@@ -32,6 +32,53 @@ HOW_TO_GET = ("download the python version from https://www.cs.toronto.edu/~kriz
               "suite.build.root")
 
 
+# The only globals a CIFAR python-pickle needs: NumPy array reconstruction (official archives:
+# numpy.core.multiarray._reconstruct, ndarray, dtype; files re-pickled by Python 3 / NumPy 2 use
+# their numpy._core names, _frombuffer and _codecs.encode for bytes). Nothing else is loaded.
+_SAFE_GLOBALS = {
+    **{(mod, "_reconstruct"): ("numpy._core.multiarray", "_reconstruct")
+       for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(mod, "_frombuffer"): ("numpy._core.numeric", "_frombuffer")
+       for mod in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): ("numpy", "ndarray"),
+    ("numpy", "dtype"): ("numpy", "dtype"),
+    ("_codecs", "encode"): ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only dicts, lists, bytes, str, numbers and NumPy arrays (`_SAFE_GLOBALS`)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        import importlib
+
+        mod, attr = _SAFE_GLOBALS[(module, name)]
+        return getattr(importlib.import_module(mod), attr)
+
+
+def load_pickle(path: Path) -> dict:
+    """One CIFAR batch file, unpickled by `_CifarUnpickler`; a truncated, garbled or crafted file
+    raises a ValueError naming it."""
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("refused global"):
+            raise ValueError(f"{path} is not an official CIFAR file: it asks to load code ({exc}); "
+                             f"replace it by re-extracting the official archive ({HOW_TO_GET})") from None
+        raise ValueError(f"{path} is truncated or corrupt ({exc}); re-extract the archive "
+                         f"({HOW_TO_GET})") from None
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as exc:
+        raise ValueError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); re-extract the "
+                         f"archive ({HOW_TO_GET})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a CIFAR batch (a {type(d).__name__}, not a dict); re-extract the "
+                         f"archive ({HOW_TO_GET})")
+    return d
+
+
 class UInt8Images(Dataset):
     """(N, H, W, C) uint8 images -> (C, H, W) float in [0, 1], with int labels."""
 
@@ -62,8 +109,7 @@ def read_cifar(root: str | Path, dataset: str = "cifar10") -> dict[str, tuple[np
             path = base / name
             if not path.exists():
                 raise FileNotFoundError(f"{dataset}: missing {path}; {HOW_TO_GET}")
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
+            d = load_pickle(path)
             xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             ys.append(np.asarray(d[label_key], dtype=np.int64))
         out[split] = (np.concatenate(xs), np.concatenate(ys))

@@ -20,9 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from imagecorruptions import corrupt as _library_corrupt
-from safetensors.torch import load_file
 
-from rftbench.utils import save_tensors_atomic, stable_hash, tensor_digest
+from rftbench.utils import load_cached, save_cached, stable_hash, tensor_digest
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
@@ -124,8 +123,9 @@ def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: 
     pixels = _to_uint8(images)
     path = Path(cache_dir) / f"corrupted-{cache_key(pixels, corruptions, severities, seed)}.safetensors"
     names = {(c, s): f"{c}/{s}" for c in corruptions for s in severities}
-    if path.exists():
-        stored = load_file(path)
+    cached = load_cached(path)
+    if cached is not None:
+        stored = cached[0]
     else:
         stored = {
             key: torch.from_numpy(_corrupt_uint8(pixels, c, s, seed)).permute(0, 3, 1, 2).contiguous()
@@ -134,5 +134,5 @@ def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: 
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = dict(corruptions=json.dumps(corruptions), severities=json.dumps(severities),
                         seed=str(seed), library=LIBRARY_VERSION, format=str(CACHE_FORMAT_VERSION))
-        save_tensors_atomic(path, stored, metadata=metadata)
+        save_cached(path, stored, metadata)
     return {cs: stored[key].float().div(255.0) for cs, key in names.items()}

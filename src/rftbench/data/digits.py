@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rftbench.data import corruptions as C
 from rftbench.data import glyphs
 from rftbench.data.base import Split, Suite, balanced_subset, per_class, stratified_split
-from rftbench.utils import cache_root, config_target, save_tensors_atomic, stable_hash
+from rftbench.utils import cache_root, config_target, load_cached, save_cached, stable_hash
 
 log = logging.getLogger("rftbench")
 
@@ -130,7 +130,7 @@ def pretrain_glyphs(*, backbone: dict, n_train: int, epochs: int, batch_size: in
             "lr": lr, "weight_decay": weight_decay, "seed": seed, "image_size": image_size,
             "fonts": fonts, "format": 1}
     path = Path(cache_dir or cache_root()) / "upstream" / f"glyphs-{stable_hash(spec)}.safetensors"
-    if path.exists():
+    if load_cached(path) is not None:
         return path
     log.info("pre-training the glyph model (%d images, %d epochs) -> %s", n_train, epochs, path)
     t0 = time.perf_counter()
@@ -158,5 +158,5 @@ def pretrain_glyphs(*, backbone: dict, n_train: int, epochs: int, batch_size: in
         log.info("upstream epoch %d/%d  loss %.3f  train_acc %.3f", epoch + 1, epochs, loss.item(),
                  correct / n_train)
     meta = {"spec": stable_hash(spec), "train_time_s": f"{time.perf_counter() - t0:.1f}"}
-    save_tensors_atomic(path, model.state_dict(), metadata=meta)
+    save_cached(path, model.state_dict(), metadata=meta)
     return path

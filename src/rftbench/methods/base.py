@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rftbench.train import RunContext
-from rftbench.utils import save_tensors_atomic, stable_hash
+from rftbench.utils import load_cached, save_cached, stable_hash
 
 log = logging.getLogger("rftbench")
 
@@ -107,16 +107,14 @@ def cached_training(model: nn.Module, ctx: RunContext, key: dict,
     suite, seed) plus `key` (the training recipe), with the contract fields (val_acc, trainable
     params, training time). Methods that need the same fine-tuning (WiSE-FT, RWS, LP-FT) share one
     training run this way. `model` is updated in place on a cache hit; a reused training reports
-    its time as `train_time_s` and `reused_time_s`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    its time as `train_time_s` and `reused_time_s`. Entries carry a content digest
+    (`rftbench.utils.save_cached`); a damaged one is reported, deleted and trained again."""
     path = ctx.cache_dir / "models" / f"{stable_hash({'start': ctx.spec, 'recipe': key})}.safetensors"
-    if path.exists():
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+    cached = load_cached(path, device=str(ctx.device))
+    if cached is not None:
+        state, meta = cached
         if "val_acc" in meta:  # entries written before the contract fields are retrained
-            model.load_state_dict(load_file(str(path), device=str(ctx.device)))
+            model.load_state_dict(state)
             log.info("reused cached training %s", path.name)
             spent = float(meta["train_time_s"])
             return Adapted(model.eval(), val_acc=float(meta["val_acc"]),
@@ -124,7 +122,7 @@ def cached_training(model: nn.Module, ctx: RunContext, key: dict,
                            reused_time_s=spent, info=json.loads(meta.get("info", "{}")))
     adapted = train(model)
     info = {k: v for k, v in adapted.info.items() if isinstance(v, (int, float, str))}
-    save_tensors_atomic(path, adapted.model.state_dict(),
-                        {"info": json.dumps(info), "trainable_params": str(adapted.trainable_params),
-                         "val_acc": repr(float(adapted.val_acc)), "train_time_s": repr(float(adapted.train_time_s))})
+    save_cached(path, adapted.model.state_dict(),
+                {"info": json.dumps(info), "trainable_params": str(adapted.trainable_params),
+                 "val_acc": repr(float(adapted.val_acc)), "train_time_s": repr(float(adapted.train_time_s))})
     return adapted
