@@ -4,8 +4,14 @@ trial seeds and their number, written as CSV (the contract), Markdown and LaTeX,
 - Runs that differ in more than the trial seed (swept hyper-parameters, `hp_seed` draws) are
   separate variants; each row is the variant with the best mean validation accuracy
   (`chosen/val_acc`), and `leaderboard_variants.csv` lists them all.
+- `ood_mean_acc`: the mean over the OOD splits that are not corruptions and the corruption mean;
+  `ood_worst_acc`: the worst of the individual OOD results, i.e. each OOD split (e.g. each domain)
+  and each corruption's mean over its severities (`rftbench.metrics.ood_groups`).
 - Effective robustness: OOD mean accuracy minus the logit-linear fit over the suite's baseline runs
-  (`--baselines`); the fits and their baseline runs are in `effective_robustness.csv`.
+  (`--baselines`); the fits and their baseline runs are in `effective_robustness.csv`. The fit needs
+  at least `--er-min-methods` baseline methods with `--er-min-seeds` runs each (default 3 x 3);
+  with fewer the column is left empty and a warning says why.
+- Mean ± standard error over trial seeds; no ± where there is one seed or no spread (`n_seeds`).
 - `<column>_within_noise`: the row's mean is within the standard error of its difference from the
   best row of the same (suite, backbone) (the best row included); bold in Markdown and LaTeX.
 
@@ -24,7 +30,7 @@ import pandas as pd
 import yaml
 
 from rftbench import plots
-from rftbench.metrics import LogitFit, effective_robustness
+from rftbench.metrics import LogitFit, effective_robustness, ood_groups
 from rftbench.results import load_metrics, run_folders
 from rftbench.utils import stable_hash, write_text_atomic
 
@@ -53,6 +59,7 @@ DIRECTION = {"id_test_acc": 1, "ood_mean_acc": 1, "ood_worst_acc": 1, "ood_domai
              "robust_acc": 1, "effective_robustness": 1, "ece": -1, "nll": -1}
 SHOWN = [*list(HEADLINE)[:6], "effective_robustness", *list(HEADLINE)[6:]]
 BASELINES = ("zeroshot", "lp", "ft")
+ER_MIN_METHODS, ER_MIN_SEEDS = 3, 3  # baseline points an effective-robustness fit needs (methods x runs)
 SELECT_BY = "chosen/val_acc"
 # config keys that are not hyper-parameters of a variant (rftbench.run.COSMETIC plus the trial seed)
 NOT_VARIANT = ("paths", "device", "num_workers", "tracking", "launcher", "seed")
@@ -86,21 +93,34 @@ def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd
             else:
                 sel = g[(g["split"] == split) & (g["metric"] == metric)]
             rec[col] = sel["value"].mean() if len(sel) else np.nan
+        ood = g[(g["metric"] == "acc") & g["split"].str.startswith("ood/")]
+        if len(ood):  # recomputed from the splits, so older runs get the same definition
+            rec["ood_worst_acc"] = min(ood_groups(zip(ood["split"], ood["shift"], ood["corruption"], ood["value"])).values())
         for _, r in g[g["metric"].str.startswith("chosen/")].iterrows():
             rec[r["metric"]] = r["value"]
         out[run_id] = rec
     return pd.DataFrame(list(out.values()))
 
 
-def add_effective_robustness(runs: pd.DataFrame, baselines=BASELINES) -> tuple[pd.DataFrame, dict[str, LogitFit], pd.DataFrame]:
+def add_effective_robustness(runs: pd.DataFrame, baselines=BASELINES, min_methods: int = ER_MIN_METHODS,
+                             min_seeds: int = ER_MIN_SEEDS) -> tuple[pd.DataFrame, dict[str, LogitFit], pd.DataFrame]:
     """Per run `effective_robustness` = OOD mean accuracy - the fit's prediction from its ID test
-    accuracy, the fit (logit-linear) over the runs of `baselines` of the same suite. Returns the
-    runs, the fits per suite, and the fit table (with its baseline runs) to record."""
+    accuracy, the fit (logit-linear) over the runs of `baselines` of the same suite. A suite with
+    fewer than `min_methods` baseline methods of at least `min_seeds` runs each gets no fit (a
+    warning says why). Returns the runs, the fits per suite, and the fit table (with its baseline
+    runs) to record."""
     runs = runs.copy()
     runs["effective_robustness"] = np.nan
     fits, records = {}, []
     for suite, g in runs.groupby("suite", sort=True):
         base = g[g["method"].isin(baselines)].dropna(subset=["id_test_acc", "ood_mean_acc"])
+        counts = base["method"].value_counts()
+        enough = sorted(counts[counts >= min_seeds].index)
+        if len(enough) < min_methods:
+            log.warning("no effective robustness for %s: the fit needs %d baseline methods with >= %d runs each, "
+                        "got %s (baselines %s); run more of them or lower --er-min-methods/--er-min-seeds",
+                        suite, min_methods, min_seeds, dict(counts) or "none", ", ".join(baselines))
+            continue
         try:
             er, fit = effective_robustness(g["id_test_acc"].to_numpy(float), g["ood_mean_acc"].to_numpy(float),
                                            base["id_test_acc"], base["ood_mean_acc"])
@@ -177,11 +197,12 @@ class Leaderboard:
     er_fits: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def build_all(runs_root: str | Path, baselines=BASELINES) -> Leaderboard:
+def build_all(runs_root: str | Path, baselines=BASELINES, min_methods: int = ER_MIN_METHODS,
+              min_seeds: int = ER_MIN_SEEDS) -> Leaderboard:
     runs = per_run(load_metrics(runs_root), run_variants(runs_root))
     if runs.empty:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
-    runs, fits, er_fits = add_effective_robustness(runs, baselines)
+    runs, fits, er_fits = add_effective_robustness(runs, baselines, min_methods, min_seeds)
     variants = aggregate(runs)
     return Leaderboard(flag_noise(select_variants(variants)), variants, runs, fits, er_fits)
 
@@ -198,7 +219,9 @@ def _fmt(v: float, se: float, pct: bool) -> str:
         s = f"{v:,.0f}"
     else:
         s = f"{v * scale:.1f}" if pct else f"{v:.3g}"
-    return s if pd.isna(se) else f"{s} ± {se * scale:.1f}" if pct else f"{s} ± {se:.2g}"
+    if pd.isna(se) or se == 0:  # one seed or no spread: n_seeds says it
+        return s
+    return f"{s} ± {se * scale:.1f}" if pct else f"{s} ± {se:.2g}"
 
 
 TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -230,7 +253,7 @@ def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     return out
 
 
-NOTE = ("Mean ± standard error over n_seeds trial seeds; bold: the best of its suite and backbone, or "
+NOTE = ("Mean ± standard error over n_seeds trial seeds (no ± for one seed or no spread); bold: the best of its suite and backbone, or "
         "within the standard error of the difference from it.")
 
 
@@ -257,9 +280,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="results", help="output folder")
     ap.add_argument("--baselines", default=",".join(BASELINES),
                     help="methods whose runs make the effective-robustness fit of each suite")
+    ap.add_argument("--er-min-methods", type=int, default=ER_MIN_METHODS,
+                    help="baseline methods (with --er-min-seeds runs each) the effective-robustness fit needs")
+    ap.add_argument("--er-min-seeds", type=int, default=ER_MIN_SEEDS,
+                    help="runs a baseline method needs to count towards --er-min-methods")
     ap.add_argument("--no-plots", action="store_true", help="tables only")
     args = ap.parse_args(argv)
-    lb = build_all(args.runs, tuple(m for m in args.baselines.split(",") if m))
+    lb = build_all(args.runs, tuple(m for m in args.baselines.split(",") if m), args.er_min_methods,
+                   args.er_min_seeds)
     if lb.board.empty:
         raise SystemExit(f"no finished runs under {args.runs}/; run `make bench` or python -m rftbench.run first")
     paths = write(lb.board, args.out, lb)
