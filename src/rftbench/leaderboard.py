@@ -219,7 +219,7 @@ def _fmt(v: float, se: float, pct: bool) -> str:
         s = f"{v:,.0f}"
     else:
         s = f"{v * scale:.1f}" if pct else f"{v:.3g}"
-    if pd.isna(se) or se == 0:  # one seed or no spread: n_seeds says it
+    if pd.isna(se) or se <= 1e-9 * max(abs(v), 1.0):  # one seed or no spread (up to rounding): n_seeds says it
         return s
     return f"{s} ± {se * scale:.1f}" if pct else f"{s} ± {se:.2g}"
 
