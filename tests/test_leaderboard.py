@@ -122,7 +122,7 @@ def test_outputs_csv_markdown_latex_and_plots(runs, tmp_path):
     out = tmp_path / "results"
     lb.main(["--runs", str(runs), "--out", str(out)])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["effective_robustness.csv", "id_vs_ood_digits.png", "leaderboard.csv", "leaderboard.md",
+    assert names == ["effective_robustness.csv", "id_vs_ood_digits.png", "index.html", "leaderboard.csv", "leaderboard.md",
                      "leaderboard.tex", "leaderboard_variants.csv"]
     csv = pd.read_csv(out / "leaderboard.csv")
     assert {"n_seeds", "id_test_acc", "id_test_acc_se", "id_test_acc_within_noise", "effective_robustness",

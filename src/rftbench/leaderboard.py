@@ -1,5 +1,6 @@
 """Leaderboard from run folders: one row per (suite, backbone, method), mean +- standard error over
-trial seeds and their number, written as CSV (the contract), Markdown and LaTeX, plus plots.
+trial seeds and their number, written as CSV (the contract), Markdown and LaTeX, plus plots and a
+static, sortable `index.html` (`rftbench.report`) that links every row to its runs.
 
 - Runs that differ in more than the trial seed (swept hyper-parameters, `hp_seed` draws) are
   separate variants; each row is the variant with the best mean validation accuracy
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from rftbench import plots
+from rftbench import plots, report
 from rftbench.metrics import LogitFit, effective_robustness, ood_groups
 from rftbench.results import load_metrics, run_folders
 from rftbench.utils import stable_hash, write_text_atomic
@@ -291,8 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     if lb.board.empty:
         raise SystemExit(f"no finished runs under {args.runs}/; run `make bench` or python -m rftbench.run first")
     paths = write(lb.board, args.out, lb)
-    if not args.no_plots:
-        paths += plots.plot_all(lb.runs, lb.fits, args.runs, args.out)
+    figures = [] if args.no_plots else plots.plot_all(lb.runs, lb.fits, args.runs, args.out)
+    paths += figures
+    paths.append(report.write_index(lb.board, lb.runs, display_table(lb.board), args.runs, args.out, figures, NOTE))
     print((Path(args.out) / "leaderboard.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
 
