@@ -13,6 +13,7 @@ from torch import nn
 
 from rftbench import metrics
 from rftbench.data.base import Split, Suite
+from rftbench.progress import bar
 from rftbench.train import RunContext, predict
 
 log = logging.getLogger("rftbench")
@@ -62,7 +63,7 @@ def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict | None =
     rows: list[dict] = []
     t0 = time.perf_counter()
     n_images = 0
-    for split in suite.eval_splits():
+    for split in bar(suite.eval_splits(), "evaluating", unit="split"):
         logits = predict(model, split, ctx)
         n_images += len(split)
         rows += split_rows(split, logits, cfg.get("ece_bins", 15))
@@ -85,7 +86,7 @@ def adversarial_rows(model: nn.Module, test: Split, ctx: RunContext, adv: dict) 
     idx = robust.balanced_subset(test.labels, adv.get("n", 100), adv.get("seed", 0))
     sub = test.subset(idx)
     out = []
-    for threat in adv.get("threats", []):
+    for threat in bar(adv.get("threats", []), "AutoAttack", unit="threat"):
         res = robust.attack(model, sub.x, sub.y, norm=threat["norm"], eps=float(threat["eps"]),
                             tier=adv.get("tier", "quick"), seed=adv.get("seed", 0),
                             batch_size=adv.get("batch_size", 256), device=ctx.device,

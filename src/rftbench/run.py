@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import hydra
+import pandas as pd
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,7 @@ from rftbench.data.base import Suite
 from rftbench.evaluate import evaluate, row
 from rftbench.methods.base import Adapted
 from rftbench.results import RunFolder, environment
+from rftbench.summary import summary_block
 from rftbench.train import RunContext, count_params
 from rftbench.utils import resolve_device, seed_everything, stable_hash
 
@@ -163,6 +165,7 @@ def execute(cfg: DictConfig) -> str:
                   folder.path / "error.txt")
         raise
     log.info("done %s -> %s", folder.run_id, folder.path)
+    print(summary_block(pd.read_csv(folder.path / "metrics.csv", dtype={"run_id": str}), folder.path), flush=True)
     return "done"
 
 

@@ -24,6 +24,8 @@ import torch
 from imagecorruptions import corrupt as _library_corrupt
 from safetensors.torch import load_file, save_file
 
+from rftbench.progress import bar
+
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
     "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
@@ -136,7 +138,7 @@ def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: 
     else:
         stored = {
             key: torch.from_numpy(_corrupt_uint8(pixels, c, s, seed)).permute(0, 3, 1, 2).contiguous()
-            for (c, s), key in names.items()
+            for (c, s), key in bar(names.items(), "corrupting", total=len(names))
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = dict(corruptions=json.dumps(corruptions), severities=json.dumps(severities),
