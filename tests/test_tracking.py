@@ -39,7 +39,7 @@ def test_each_run_is_its_own_offline_wandb_run(make_cfg, tmp_path, offline):
         path = tracking.log_run(cfg, folder)
         assert wandb.run is None  # finished, so the next run is a new one
         # one folder per sweep (here no Hydra sweep: "single"), not one per run folder
-        assert path.parent == tmp_path / "runs" / "wandb" / "single" / "wandb" and path.name.startswith("offline-run-")
+        assert path.parent == tmp_path / "runs" / ".wandb" / "single" / "wandb" and path.name.startswith("offline-run-")
         texts = [t.encode() for t in (run_id, "test/acc", "ood/typed/acc/oracle", "adapt_time_s", "digits_resnet")]
         deadline = time.time() + 20  # the wandb service may still be writing the file
         while not all(t in (data := next(path.glob("run-*.wandb")).read_bytes()) for t in texts):

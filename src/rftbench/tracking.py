@@ -4,7 +4,7 @@ training history (`history.csv`: train_loss, val_acc, lr per epoch), its sweep t
 WiSE-FT alpha, RWS coefficient) as `wandb.Table`s, and its metrics plus the leaderboard's headline
 values (`headline/<column>`) as the summary. `group` is the sweep (the Hydra sweep folder's name),
 `job_type` the method, tags come from `tracking.tags` plus suite/backbone/method. All runs of one
-sweep share one folder, `<tracking.dir or paths.runs/wandb>/<sweep>/wandb/offline-run-*`; upload it
+sweep share one folder, `<tracking.dir or paths.runs/.wandb>/<sweep>/wandb/offline-run-*`; upload it
 later with `wandb sync <that folder>/wandb/offline-run-*`. Tracking never fails a run: without wandb,
 or when it breaks, it warns once and the run goes on.
 """
@@ -91,8 +91,8 @@ def headline_of(metrics: pd.DataFrame) -> dict[str, float]:
 def log_run(cfg: DictConfig, folder: RunFolder) -> Path | None:
     """Log a run as one W&B run (config, per-epoch history, sweep tables, metrics and headline
     summary), then finish it. The W&B files go to the sweep's folder under `tracking.dir` (default
-    `<paths.runs>/wandb`). Returns the W&B run's folder, or None when tracking is off or
-    unavailable; never raises."""
+    `<paths.runs>/.wandb`, hidden like Hydra's `.hydra`). Returns the W&B run's folder, or None
+    when tracking is off or unavailable; never raises."""
     t = cfg.get("tracking") or {}
     if not t.get("enabled", False):
         return None
@@ -106,7 +106,7 @@ def log_run(cfg: DictConfig, folder: RunFolder) -> Path | None:
         return None
     try:
         sweep = sweep_name()
-        root = (Path(t["dir"]) if t.get("dir") else Path(cfg.paths.runs) / "wandb") / sweep
+        root = (Path(t["dir"]) if t.get("dir") else Path(cfg.paths.runs) / ".wandb") / sweep
         root.mkdir(parents=True, exist_ok=True)
         c = folder.columns
         tags = [*list(t.get("tags") or []), f"suite:{c['suite']}", f"backbone:{c['backbone']}", f"method:{c['method']}"]
