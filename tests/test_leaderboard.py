@@ -84,8 +84,8 @@ def test_effective_robustness_against_the_recorded_baselines(runs):
     recorded = set(fit["baseline_runs"].split(";"))
     assert len(recorded) == 9 and not any(r.startswith("ct-") for r in recorded)
     # other baselines, other fit; fewer than 2 distinct points: no effective robustness, no crash
-    assert lb.build_all(runs, ("lp", "ft")).er_fits.loc[0, "n_points"] == 6
-    assert lb.build_all(runs, ("zeroshot",)).board["effective_robustness"].isna().all()
+    assert lb.build_all(runs, ("lp", "ft"), min_methods=2).er_fits.loc[0, "n_points"] == 6
+    assert lb.build_all(runs, ("zeroshot",), min_methods=1).board["effective_robustness"].isna().all()
 
 
 def test_differences_within_noise_are_flagged(runs):
@@ -124,7 +124,7 @@ def test_outputs_csv_markdown_latex_and_plots(runs, tmp_path):
     out = tmp_path / "results"
     lb.main(["--runs", str(runs), "--out", str(out)])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["effective_robustness.csv", "id_vs_ood_digits.png", "leaderboard.csv", "leaderboard.md",
+    assert names == ["effective_robustness.csv", "id_vs_ood_digits.png", "index.html", "leaderboard.csv", "leaderboard.md",
                      "leaderboard.tex", "leaderboard_variants.csv"]
     csv = pd.read_csv(out / "leaderboard.csv")
     assert {"n_seeds", "id_test_acc", "id_test_acc_se", "id_test_acc_within_noise", "effective_robustness",
@@ -174,3 +174,52 @@ def test_runs_recorded_before_the_val_acc_field_are_chosen_by_chosen_val_acc(tmp
         m.loc[m["metric"] == "val_acc", "metric"] = "chosen/val_acc"
         m.to_csv(path, index=False)
     assert row(lb.build_all(root).board, "ft")["id_test_acc"] == pytest.approx(0.80)
+def test_effective_robustness_needs_enough_baseline_points(runs, caplog):
+    # two baseline methods (default needs 3 methods x 3 seeds): no fit, an empty column and a warning
+    res = lb.build_all(runs, ("lp", "ft"))
+    assert res.board["effective_robustness"].isna().all() and res.er_fits.empty
+    assert "needs 3 baseline methods with >= 3 runs each" in caplog.text
+    # three methods but one seed fewer than required: still none
+    assert lb.build_all(runs, min_seeds=4).board["effective_robustness"].isna().all()
+    assert lb.build_all(runs).board["effective_robustness"].notna().all()
+    md = lb.display_table(lb.build(runs, ("lp", "ft")))
+    assert "effective_robustness" not in md.columns  # an empty column is not shown
+
+
+def test_no_plus_minus_zero_for_one_seed_or_no_spread(runs, tmp_path):
+    md = lb.display_table(lb.build(runs)).set_index("method")
+    assert md.loc["zeroshot", "id_test_acc"] == "50.0"  # three seeds, identical values
+    assert md.loc["zeroshot", "n_seeds"] == 3
+    root = tmp_path / "one"
+    add_run(root, "ft", 0, 0.8, 0.4)
+    md = lb.display_table(lb.build(root)).set_index("method")
+    assert md.loc["ft", "id_test_acc"] == "**80.0**" and "±" not in "".join(md.loc["ft"].astype(str))
+
+
+def test_ood_worst_is_the_worst_individual_ood_result(tmp_path):
+    """Hand-built metrics: two domain splits and two corruptions at two severities each."""
+    root = tmp_path / "runs"
+    config = {"seed": 0, "method": {"name": "ft"}}
+    folder = RunFolder(root, "s", "b", "ft", run_id_of(config))  # a folder named by its config's id
+    folder.path.mkdir(parents=True)
+    folder.write_text("config.yaml", yaml.safe_dump(config))
+    splits = [("ood/mnistm", "domain", None, None, 0.70), ("ood/svhn", "domain", None, None, 0.60),
+              ("ood/c/fog/1", "corruption", "fog", 1, 0.90), ("ood/c/fog/5", "corruption", "fog", 5, 0.30),
+              ("ood/c/blur/1", "corruption", "blur", 1, 0.80), ("ood/c/blur/5", "corruption", "blur", 5, 0.62)]
+    rows = [{"split": s, "shift": sh, "corruption": c, "severity": sev, "metric": "acc", "value": v}
+            for s, sh, c, sev, v in splits]
+    from rftbench.evaluate import summary_rows
+    rows += summary_rows(rows)
+    summary = {(r["split"], r["metric"]): r["value"] for r in rows}
+    # corruption means: fog 0.60, blur 0.71; the worst individual result is fog's 0.60 or svhn's 0.60
+    assert summary["ood/corruption", "acc_mean"] == pytest.approx(0.655)
+    assert summary["ood", "acc_mean"] == pytest.approx((0.70 + 0.60 + 0.655) / 3)
+    assert summary["ood", "acc_worst"] == pytest.approx(0.60)
+    # not the worst of [domain splits, corruption mean] alone and not the worst single severity (0.30)
+    rows = [r for r in rows if r["metric"] != "acc_worst"]
+    rows[1]["value"] = 0.75  # svhn better: the worst is now fog's mean over severities
+    folder.write_metrics([{**r, "selection": "val"} for r in rows], 0)
+    folder.finish()
+    board = lb.build(root, ())
+    assert board.loc[0, "ood_worst_acc"] == pytest.approx(0.60)
+    assert board.loc[0, "corruption_acc"] == pytest.approx(0.655)

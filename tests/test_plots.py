@@ -57,7 +57,45 @@ def test_sweep_curves_average_runs_and_mark_the_val_choice(tmp_path):
     ax = plots.curve_figure(t, "beta", "method", "t", "beta").axes[0]
     val, test, chosen = ax.lines
     assert list(test.get_xdata()) == beta and np.allclose(test.get_ydata(), [0.5, 0.7, 0.8])
-    assert np.allclose(val.get_ydata(), [0.5, 0.8, 0.6]) and chosen.get_xdata()[0] == pytest.approx(0.8)
+    assert np.allclose(val.get_ydata(), [0.5, 0.8, 0.6])
+    # each run's own choice, where it is on that run's validation curve (not one averaged line)
+    assert list(chosen.get_xdata()) == [0.8, 0.8] and list(chosen.get_ydata()) == [0.7, 0.9]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["ct (n=2 runs)", "validation accuracy", "test accuracy", "chosen on validation (one per run)"]
+    styles = {h.get_label(): h.get_linestyle() for h in ax.get_legend().legend_handles}
+    assert styles["validation accuracy"] == "--" and styles["test accuracy"] == "-"
+    assert "standard error" in fig_caption(ax.figure)
+
+
+def fig_caption(fig) -> str:
+    return " ".join(t.get_text() for t in fig.texts)
+
+
+def test_the_chosen_column_wins_over_the_best_val():
+    t = pd.DataFrame({"run_id": ["a"] * 3, "beta": [0.5, 0.8, 1.0], "val_acc": [0.7, 0.7, 0.6],
+                      "chosen": [False, True, False]})
+    assert plots.chosen_points(t, "beta").to_dict("records") == [{"beta": 0.8, "val_acc": 0.7}]
+    assert plots.chosen_points(t.drop(columns="chosen"), "beta")["beta"].tolist() == [0.5]  # smallest on ties
+
+
+def test_every_method_has_its_own_colour_and_marker_in_every_plot():
+    from rftbench import style
+
+    methods = list(style.METHODS)
+    assert len(methods) >= 12 and len(set(style.METHODS.values())) == len(methods)
+    assert len({s.marker for s in style.METHODS.values()}) == len(methods)
+    assert style.method_style("new_method") == style.method_style("new_method")
+    runs = pd.DataFrame({"suite": "s", "backbone": "b", "method": methods, "run_id": methods,
+                         "id_test_acc": 0.9, "ood_mean_acc": 0.6})  # all on one spot
+    ax = plots.id_vs_ood_figure(runs, "s", None).axes[0]
+    looks = {(c.get_label(), tuple(np.round(c.get_facecolor()[0][:3], 3))) for c in ax.collections}
+    assert len(looks) == len(methods)
+    shifts = {tuple(np.round(c.get_offset_transform().transform((0.9, 0.6)), 1)) for c in ax.collections}
+    assert len(shifts) == len(methods)  # coinciding points are drawn side by side, not on top
+    assert all(np.allclose(c.get_offsets(), [[0.9, 0.6]]) for c in ax.collections)  # data unchanged
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert "0.9" in ticks and not any("10^" in t for t in ticks)
+    assert "one run" in fig_caption(ax.figure)
 
 
 def test_plot_all_writes_what_there_is_data_for(tmp_path):
@@ -74,3 +112,8 @@ def test_plot_all_writes_what_there_is_data_for(tmp_path):
     assert [p.name for p in paths] == ["ct_beta_digits_b.png", "rws_coeff_digits_b.png"]
     assert all(p.read_bytes()[:8] == PNG for p in paths)
     assert not list(out.glob(".*.tmp"))
+    # rebuilt from runs without RWS: the old RWS plot goes, other files stay
+    (out / "notes.png").write_bytes(PNG)
+    (runs / "digits" / "b" / "rws" / "r2" / "done").unlink()
+    paths = plots.plot_all(runs_table().iloc[:0], {}, runs, out)
+    assert sorted(p.name for p in out.iterdir()) == ["ct_beta_digits_b.png", "notes.png"]

@@ -98,8 +98,9 @@ def test_killed_sweep_resumes_and_matches_an_uninterrupted_sweep(make_cfg, tmp_p
     assert summary_counts(uninterrupted.stdout) == {"jobs": 3, "done": 3, "skipped": 0, "failed": 0}
     pd.testing.assert_frame_equal(comparable(build(runs)), comparable(build(ref)))
     no_leftovers(runs)
-    for folder in second:  # one offline W&B run per run
-        assert len(list(Path(folder).glob("wandb/offline-run-*/run-*.wandb"))) == 1
+    # one offline W&B run per finished run, in one folder per sweep (the killed one and the resumed one)
+    per_sweep = {d.name: len(list(d.glob("wandb/offline-run-*/run-*.wandb"))) for d in (runs / ".wandb").iterdir()}
+    assert sorted(per_sweep.values()) == sorted([len(first), 3 - len(first)])
 
 
 def test_concurrent_sweeps_compute_each_run_once_and_failures_do_not_stop_them(make_cfg, tmp_path):

@@ -6,6 +6,7 @@ parts (`normalize`, `body`, `head`) and on `features(x)`.
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import sys
@@ -41,6 +42,21 @@ def _split_attr(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
             return model, head
     raise ValueError(f"cannot find the linear classifier of {type(model).__name__} (looked for fc, head, "
                      f"classifier, linear, logits, last_linear)")
+
+
+def as_classifier(model: nn.Module, mean: Sequence[float] = (0.0, 0.0, 0.0),
+                  std: Sequence[float] = (1.0, 1.0, 1.0)) -> Classifier:
+    """`model` as a `Classifier` (normalize -> body -> linear head), which the method APIs work on.
+    A `Classifier` is returned as is; a plain timm or torchvision/RobustBench-style model (a final
+    `nn.Linear` as `get_classifier()` or as fc/head/classifier/linear/logits/last_linear) is copied
+    and split into body and head. The default identity normalisation keeps the model's function:
+    pass the model's mean/std to feed it pixels in [0, 1] instead."""
+    if isinstance(model, Classifier):
+        return model
+    model = copy.deepcopy(model)
+    body, head = _split_timm(model) if hasattr(model, "get_classifier") and hasattr(model, "reset_classifier") \
+        else _split_attr(model)
+    return Classifier(body, head, Normalize(mean, std))
 
 
 def create_backbone(

@@ -14,6 +14,7 @@ from torch import nn
 
 from rftbench import metrics
 from rftbench.data.base import Split, Suite, balanced_subset
+from rftbench.progress import bar
 from rftbench.train import NonFiniteLossError, RunContext, predict
 
 log = logging.getLogger("rftbench")
@@ -45,8 +46,9 @@ def split_rows(split: Split, logits: torch.Tensor, ece_bins: int = 15) -> list[d
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """Per-shift means: the corruption mean over all (corruption, severity) splits, the OOD mean and
-    the worst OOD split (accuracy)."""
+    """Per-shift means: the corruption mean over all (corruption, severity) splits, the OOD mean
+    (over the non-corruption OOD splits and the corruption mean) and the worst OOD accuracy over the
+    individual OOD results (`metrics.ood_groups`: each split, each corruption's severity mean)."""
     acc = [r for r in rows if r["metric"] == "acc"]
     out = []
     corr = [r["value"] for r in acc if r["shift"] == "corruption" and r["split"].startswith("ood/")]
@@ -56,7 +58,9 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     ood_means = [r["value"] for r in ood] + ([out[0]["value"]] if corr else [])
     if ood_means:
         out.append(row("ood", "acc_mean", sum(ood_means) / len(ood_means), shift="natural"))
-        out.append(row("ood", "acc_worst", min(ood_means), shift="natural"))
+        groups = metrics.ood_groups((r["split"], r["shift"], r["corruption"], r["value"])
+                                    for r in acc if r["split"].startswith("ood/"))
+        out.append(row("ood", "acc_worst", min(groups.values()), shift="natural"))
     return out
 
 
@@ -69,7 +73,7 @@ def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict) -> list
     rows: list[dict] = []
     t0 = time.perf_counter()
     n_images = 0
-    for split in suite.eval_splits():
+    for split in bar(suite.eval_splits(), "evaluating", unit="split"):
         logits = masked(predict(model, split, ctx), split)
         if not torch.isfinite(logits).all():
             raise NonFiniteLossError(f"the adapted model gives non-finite logits on {split.name}: it diverged; "
@@ -101,7 +105,7 @@ def adversarial_rows(model: nn.Module, test: Split, ctx: RunContext, adv: dict) 
     # tensors in memory (evaluation transform applied) also when the test split is streamed from disk
     sub = test.subset(idx).materialize(num_workers=ctx.num_workers)
     out = []
-    for threat in adv["threats"]:
+    for threat in bar(adv["threats"], "AutoAttack", unit="threat"):
         res = attack(model, sub.x, sub.y, norm=threat["norm"], eps=float(threat["eps"]), tier=adv["tier"],
                      seed=adv["seed"], batch_size=adv["batch_size"], device=ctx.device,
                      n_iter=adv["n_iter"], n_target_classes=adv["n_target_classes"])

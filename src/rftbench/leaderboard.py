@@ -1,12 +1,19 @@
 """Leaderboard from run folders: one row per (suite, backbone, method), mean +- standard error over
-trial seeds and their number, written as CSV (the contract), Markdown and LaTeX, plus plots.
+trial seeds and their number, written as CSV (the contract), Markdown and LaTeX, plus plots and a
+static, sortable `index.html` (`rftbench.report`) that links every row to its runs.
 
 - Runs that differ in more than the trial seed (swept hyper-parameters, `hp_seed` draws) are
   separate variants; each row is the variant with the best mean validation accuracy (`val_acc`,
   every method's `Adapted.val_acc`; `rftbench.selection`: ties -> more seeds, then the variant id),
   and `leaderboard_variants.csv` lists them all.
+- `ood_mean_acc`: the mean over the OOD splits that are not corruptions and the corruption mean;
+  `ood_worst_acc`: the worst of the individual OOD results, i.e. each OOD split (e.g. each domain)
+  and each corruption's mean over its severities (`rftbench.metrics.ood_groups`).
 - Effective robustness: OOD mean accuracy minus the logit-linear fit over the suite's baseline runs
-  (`--baselines`); the fits and their baseline runs are in `effective_robustness.csv`.
+  (`--baselines`); the fits and their baseline runs are in `effective_robustness.csv`. The fit needs
+  at least `--er-min-methods` baseline methods with `--er-min-seeds` runs each (default 3 x 3);
+  with fewer the column is left empty and a warning says why.
+- Mean ± standard error over trial seeds; no ± where there is one seed or no spread (`n_seeds`).
 - `<column>_within_noise`: the row's mean is within the standard error of its difference from the
   best row of the same (suite, backbone) (the best row included); bold in Markdown and LaTeX.
 
@@ -25,9 +32,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from rftbench import plots
+from rftbench import plots, report
 from rftbench.identity import NOT_WORK, variant_id
-from rftbench.metrics import LogitFit, effective_robustness
+from rftbench.metrics import LogitFit, effective_robustness, ood_groups
 from rftbench.results import damage, load_metrics, run_folders
 from rftbench.selection import select
 from rftbench.utils import write_text_atomic
@@ -57,6 +64,7 @@ DIRECTION = {"id_test_acc": 1, "ood_mean_acc": 1, "ood_worst_acc": 1, "ood_domai
              "robust_acc": 1, "effective_robustness": 1, "ece": -1, "nll": -1}
 SHOWN = [*list(HEADLINE)[:6], "effective_robustness", *list(HEADLINE)[6:]]
 BASELINES = ("zeroshot", "lp", "ft")
+ER_MIN_METHODS, ER_MIN_SEEDS = 3, 3  # baseline points an effective-robustness fit needs (methods x runs)
 SELECT_BY = "val_acc"  # the runner's ("-", "val_acc") row: Adapted.val_acc
 # config keys that are not hyper-parameters of a variant: those that do not change the work, and the trial seed
 NOT_VARIANT = (*NOT_WORK, "seed")
@@ -70,24 +78,6 @@ def run_variants(runs_root: str | Path) -> dict[str, str]:
         if (folder / "done").exists() and damage(folder) is None:
             out[folder.name] = variant_id(yaml.safe_load((folder / "config.yaml").read_text()) or {})
     return out
-
-
-def variant_hparams(runs_root: str | Path) -> pd.DataFrame:
-    """variant -> the values its runs used for the keys of their search space (`method.search` and
-    `hp_search`, `rftbench.sweep.search_space`), as columns `hp/<key>` (read off config.yaml)."""
-    from omegaconf import OmegaConf
-
-    from rftbench.sweep import search_space
-
-    rows = {}
-    for folder in run_folders(runs_root):
-        if not (folder / "done").exists():
-            continue
-        cfg = OmegaConf.create(yaml.safe_load((folder / "config.yaml").read_text()) or {})
-        keys = [spec.get("key") for spec in (search_space(cfg) or []) if spec.get("key")]
-        rows.setdefault(variant_id(OmegaConf.to_container(cfg)), {}).update(
-            {f"hp/{k}": OmegaConf.select(cfg, k, default=None) for k in keys})
-    return pd.DataFrame([{"variant": v, **hp} for v, hp in rows.items()], columns=None)
 
 
 def provenance(runs_root: str | Path) -> dict[str, dict[str, str]]:
@@ -135,21 +125,34 @@ def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd
         if not len(sel):  # runs recorded before the explicit field: their `chosen/val_acc` row
             sel = g[(g["split"] == "-") & (g["metric"] == f"chosen/{SELECT_BY}")]
         rec[SELECT_BY] = sel["value"].mean() if len(sel) else np.nan
+        ood = g[(g["metric"] == "acc") & g["split"].str.startswith("ood/")]
+        if len(ood):  # recomputed from the splits, so older runs get the same definition
+            rec["ood_worst_acc"] = min(ood_groups(zip(ood["split"], ood["shift"], ood["corruption"], ood["value"])).values())
         for _, r in g[g["metric"].str.startswith("chosen/")].iterrows():
             rec[r["metric"]] = r["value"]
         out[run_id] = rec
     return pd.DataFrame(list(out.values()))
 
 
-def add_effective_robustness(runs: pd.DataFrame, baselines=BASELINES) -> tuple[pd.DataFrame, dict[str, LogitFit], pd.DataFrame]:
+def add_effective_robustness(runs: pd.DataFrame, baselines=BASELINES, min_methods: int = ER_MIN_METHODS,
+                             min_seeds: int = ER_MIN_SEEDS) -> tuple[pd.DataFrame, dict[str, LogitFit], pd.DataFrame]:
     """Per run `effective_robustness` = OOD mean accuracy - the fit's prediction from its ID test
-    accuracy, the fit (logit-linear) over the runs of `baselines` of the same suite. Returns the
-    runs, the fits per suite, and the fit table (with its baseline runs) to record."""
+    accuracy, the fit (logit-linear) over the runs of `baselines` of the same suite. A suite with
+    fewer than `min_methods` baseline methods of at least `min_seeds` runs each gets no fit (a
+    warning says why). Returns the runs, the fits per suite, and the fit table (with its baseline
+    runs) to record."""
     runs = runs.copy()
     runs["effective_robustness"] = np.nan
     fits, records = {}, []
     for suite, g in runs.groupby("suite", sort=True):
         base = g[g["method"].isin(baselines)].dropna(subset=["id_test_acc", "ood_mean_acc"])
+        counts = base["method"].value_counts()
+        enough = sorted(counts[counts >= min_seeds].index)
+        if len(enough) < min_methods:
+            log.warning("no effective robustness for %s: the fit needs %d baseline methods with >= %d runs each, "
+                        "got %s (baselines %s); run more of them or lower --er-min-methods/--er-min-seeds",
+                        suite, min_methods, min_seeds, dict(counts) or "none", ", ".join(baselines))
+            continue
         try:
             er, fit = effective_robustness(g["id_test_acc"].to_numpy(float), g["ood_mean_acc"].to_numpy(float),
                                            base["id_test_acc"], base["ood_mean_acc"])
@@ -228,15 +231,13 @@ class Leaderboard:
     er_fits: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def build_all(runs_root: str | Path, baselines=BASELINES) -> Leaderboard:
+def build_all(runs_root: str | Path, baselines=BASELINES, min_methods: int = ER_MIN_METHODS,
+              min_seeds: int = ER_MIN_SEEDS) -> Leaderboard:
     runs = per_run(load_metrics(runs_root), run_variants(runs_root))
     if runs.empty:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
-    runs, fits, er_fits = add_effective_robustness(runs, baselines)
+    runs, fits, er_fits = add_effective_robustness(runs, baselines, min_methods, min_seeds)
     variants = aggregate(runs)
-    hp = variant_hparams(runs_root)
-    if len(hp.columns) > 1:  # the drawn values of each variant, for leaderboard_variants.csv
-        variants = variants.merge(hp, on="variant", how="left")
     board = add_provenance(flag_noise(select_variants(variants)), runs, provenance(runs_root))
     return Leaderboard(board, variants, runs, fits, er_fits)
 
@@ -253,7 +254,9 @@ def _fmt(v: float, se: float, pct: bool) -> str:
         s = f"{v:,.0f}"
     else:
         s = f"{v * scale:.1f}" if pct else f"{v:.3g}"
-    return s if pd.isna(se) else f"{s} ± {se * scale:.1f}" if pct else f"{s} ± {se:.2g}"
+    if pd.isna(se) or se <= 1e-9 * max(abs(v), 1.0):  # one seed or no spread (up to rounding): n_seeds says it
+        return s
+    return f"{s} ± {se * scale:.1f}" if pct else f"{s} ± {se:.2g}"
 
 
 TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -285,7 +288,7 @@ def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     return out
 
 
-NOTE = ("Mean ± standard error over n_seeds trial seeds; bold: the best of its suite and backbone, or "
+NOTE = ("Mean ± standard error over n_seeds trial seeds (no ± for one seed or no spread); bold: the best of its suite and backbone, or "
         "within the standard error of the difference from it.")
 
 
@@ -317,35 +320,26 @@ def write(board: pd.DataFrame, out_dir: str | Path, lb: Leaderboard | None = Non
     return paths
 
 
-PLOT_FILES = ("*.png", "*.pdf", "*.svg")
-
-
-def remove_stale_plots(out_dir: str | Path, written: list[Path]) -> list[Path]:
-    """Delete the plot files in `out_dir` that this leaderboard did not write (left by an earlier
-    one, e.g. an `rws_coeff_*.png` beside tables without RWS runs); returns them."""
-    keep = {Path(p).resolve() for p in written}
-    stale = sorted(p for pattern in PLOT_FILES for p in Path(out_dir).glob(pattern) if p.resolve() not in keep)
-    for p in stale:
-        p.unlink()
-        log.info("removed stale plot %s", p)
-    return stale
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs", help="runs folder (paths.runs)")
     ap.add_argument("--out", default="results", help="output folder")
     ap.add_argument("--baselines", default=",".join(BASELINES),
                     help="methods whose runs make the effective-robustness fit of each suite")
+    ap.add_argument("--er-min-methods", type=int, default=ER_MIN_METHODS,
+                    help="baseline methods (with --er-min-seeds runs each) the effective-robustness fit needs")
+    ap.add_argument("--er-min-seeds", type=int, default=ER_MIN_SEEDS,
+                    help="runs a baseline method needs to count towards --er-min-methods")
     ap.add_argument("--no-plots", action="store_true", help="tables only")
     args = ap.parse_args(argv)
-    lb = build_all(args.runs, tuple(m for m in args.baselines.split(",") if m))
+    lb = build_all(args.runs, tuple(m for m in args.baselines.split(",") if m), args.er_min_methods,
+                   args.er_min_seeds)
     if lb.board.empty:
         raise SystemExit(f"no finished runs under {args.runs}/; run `make bench` or python -m rftbench.run first")
     paths = write(lb.board, args.out, lb)
-    if not args.no_plots:
-        paths += plots.plot_all(lb.runs, lb.fits, args.runs, args.out)
-        remove_stale_plots(args.out, paths)
+    figures = [] if args.no_plots else plots.plot_all(lb.runs, lb.fits, args.runs, args.out)
+    paths += figures
+    paths.append(report.write_index(lb.board, lb.runs, display_table(lb.board), args.runs, args.out, figures, NOTE))
     print((Path(args.out) / "leaderboard.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
 

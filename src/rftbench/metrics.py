@@ -5,7 +5,7 @@ Accuracies and errors are fractions in [0, 1]; mCE values are ratios (1.0 = Alex
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -109,6 +109,17 @@ def relative_mce(
         np.sum(np.asarray(errors[c]) - clean_error) / np.sum(np.asarray(baseline_errors[c]) - baseline_clean_error)
         for c in baseline_errors
     ]))
+
+
+def ood_groups(splits: Iterable[tuple[str, str, str | None, float]]) -> dict[str, float]:
+    """The individual OOD results of a headline from (split, shift, corruption, accuracy) of the
+    OOD splits: every non-corruption split by itself (e.g. each domain), every corruption as the mean
+    over its severities (key `corruption/<name>`). `ood_worst_acc` is the minimum of these."""
+    groups: dict[str, list[float]] = {}
+    for split, shift, corruption, acc in splits:
+        key = f"corruption/{corruption}" if shift == "corruption" and isinstance(corruption, str) else split
+        groups.setdefault(key, []).append(float(acc))
+    return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
 def _logit(p, clip: float) -> np.ndarray:

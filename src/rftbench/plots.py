@@ -3,7 +3,10 @@ accuracy against beta, RWS accuracy against the patch coefficient.
 
 The last two read sweep tables that the methods write into their run folders (`Adapted.tables`):
 `CT_SWEEP` (columns beta, val_acc, test_acc) and `RWS_SWEEP` (columns corruption, coeff, val_acc,
-test_acc). Runs without them are left out; a plot without data is not written.
+test_acc, and optionally `chosen`). Runs without them are left out; a plot without data is not
+written, and an earlier build's plot of that kind is removed (`remove_stale`). Every method keeps one
+colour and marker across plots (`rftbench.style`); each figure has a caption line saying what a
+point or a line is.
 """
 from __future__ import annotations
 
@@ -13,15 +16,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogitFormatter
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+from matplotlib.transforms import ScaledTranslation
 
 from rftbench.metrics import LogitFit
 from rftbench.results import run_folders
+from rftbench.style import EDGE, method_style, series_color
 from rftbench.utils import atomic_path
 
 CT_SWEEP = "beta_sweep.csv"
 RWS_SWEEP = "rws_sweep.csv"
-MARKERS = "osD^v<>Pp*h"
 CLIP = 1e-3  # accuracies are clipped to [CLIP, 1 - CLIP] on the logit axes
 
 
@@ -35,37 +40,71 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
+LOGIT_TICKS = (0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999)
+
+
+def logit_axes(ax, lo: float, hi: float) -> None:
+    """Both axes on the logit scale with plain decimal ticks (0.9, not "1 - 10^-1")."""
+    ax.set_xscale("logit")
+    ax.set_yscale("logit")
+    ticks = [t for t in LOGIT_TICKS if lo * 0.8 <= t <= 1 - (1 - hi) * 0.8] or [lo, hi]
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _overlap_offsets(points: np.ndarray, tol: float) -> np.ndarray:
+    """For each point, how many earlier points lie within `tol` of it (in logit units): its position
+    in a pile of (nearly) coinciding points, which is then drawn slightly offset."""
+    z = np.log(points) - np.log1p(-points)
+    k = np.zeros(len(points), dtype=int)
+    for i in range(len(points)):
+        k[i] = int((np.abs(z[:i] - z[i]).max(axis=1, initial=0) <= tol).sum()) if i else 0
+    return k
+
+
 def id_vs_ood_figure(runs: pd.DataFrame, suite: str, fit: LogitFit | None) -> Figure | None:
-    """One suite's runs as points (ID test accuracy, OOD mean accuracy) on logit axes, colour by
-    method and marker by backbone, with the baseline fit (whose vertical offset is the effective
-    robustness) and y = x."""
+    """One suite's runs as points (ID test accuracy, OOD mean accuracy) on logit axes, one colour and
+    marker per method (`rftbench.style`), filled for the first backbone and hollow for the next, with
+    the baseline fit (whose vertical offset is the effective robustness) and y = x. Points that
+    coincide are drawn with a small offset (their data positions are unchanged) and outlined."""
     g = runs[(runs["suite"] == suite)].dropna(subset=["id_test_acc", "ood_mean_acc"])
     if g.empty:
         return None
-    fig = Figure(figsize=(6.4, 5.2))
+    fig = Figure(figsize=(7.2, 5.6))
     ax = fig.add_subplot()
     backbones = sorted(g["backbone"].unique())
-    for i, (method, m) in enumerate(g.groupby("method", sort=True)):
-        for b, mb in m.groupby("backbone"):
-            ax.scatter(mb["id_test_acc"].clip(CLIP, 1 - CLIP), mb["ood_mean_acc"].clip(CLIP, 1 - CLIP),
-                       color=f"C{i % 10}", marker=MARKERS[backbones.index(b) % len(MARKERS)], s=36,
-                       label=method if len(backbones) == 1 else f"{method} / {b}")
+    groups = list(g.groupby(["method", "backbone"], sort=True))
+    xy = np.concatenate([np.c_[m["id_test_acc"], m["ood_mean_acc"]] for _, m in groups]).clip(CLIP, 1 - CLIP)
+    piles, start = _overlap_offsets(xy, tol=0.01), 0
+    for (method, b), mb in groups:
+        st = method_style(method)
+        pts, k = xy[start:start + len(mb)], piles[start:start + len(mb)]
+        start += len(mb)
+        hollow = backbones.index(b) % 2 == 1
+        for level in np.unique(k):  # each pile level shifted by 4 points along a diagonal
+            sel = k == level
+            shift = ScaledTranslation(4 * level / 72, 4 * level / 72, fig.dpi_scale_trans)
+            ax.scatter(pts[sel, 0], pts[sel, 1], s=46, marker=st.marker, color=st.color,
+                       facecolors="none" if hollow else st.color, edgecolors=EDGE if not hollow else st.color,
+                       linewidths=0.7 if not hollow else 1.4, alpha=0.9, zorder=3, transform=ax.transData + shift,
+                       label=(method if len(backbones) == 1 else f"{method} / {b}") if level == k.min() else None)
     lo = float(np.clip(min(g["id_test_acc"].min(), g["ood_mean_acc"].min()), CLIP, 1 - CLIP))
     hi = float(np.clip(max(g["id_test_acc"].max(), g["ood_mean_acc"].max()), CLIP, 1 - CLIP))
     x = np.linspace(lo, hi, 100)
     ax.plot(x, x, "k:", lw=1, label="y = x")
     if fit is not None:
         ax.plot(x, np.clip(fit.predict(x), CLIP, 1 - CLIP), "k-", lw=1.2,
-                label=f"baseline fit (n={fit.n}): logit y = {fit.slope:.2f} logit x {fit.intercept:+.2f}")
-    ax.set_xscale("logit")
-    ax.set_yscale("logit")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(LogitFormatter(one_half="0.5"))
-    ax.set_xlabel("ID test accuracy")
-    ax.set_ylabel("OOD mean accuracy")
-    ax.set_title(f"{suite}: ID vs OOD accuracy (effective robustness = height above the fit)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+                label=f"baseline fit (n={fit.n} runs): logit y = {fit.slope:.2f} logit x {fit.intercept:+.2f}")
+    logit_axes(ax, lo, hi)
+    ax.set_xlabel("ID test accuracy (logit scale)")
+    ax.set_ylabel("OOD mean accuracy (logit scale)")
+    ax.set_title(f"{suite}: ID vs OOD accuracy")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.text(0.01, -0.02, "Each point is one run (one method, one trial seed); effective robustness is the height "
+             "above the baseline fit. Coinciding points are drawn slightly offset.", fontsize=7, ha="left", va="top")
     return fig
 
 
@@ -88,27 +127,55 @@ def _mean_se(g: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return s
 
 
+def chosen_points(g: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Per run, the `x` it chose on validation and the run's validation accuracy there: the table's
+    `chosen` column when it has one, else the best validation accuracy (the smallest x on ties)."""
+    out = []
+    for _, r in g.groupby("run_id", sort=True):
+        if "chosen" in r and r["chosen"].astype(str).str.lower().eq("true").any():
+            pick = r[r["chosen"].astype(str).str.lower() == "true"].iloc[0]
+        else:
+            pick = r.sort_values([x]).loc[r.sort_values([x])["val_acc"].idxmax()]
+        out.append({x: pick[x], "val_acc": pick["val_acc"]})
+    return pd.DataFrame(out, columns=[x, "val_acc"])
+
+
 def curve_figure(t: pd.DataFrame, x: str, series: str, title: str, xlabel: str) -> Figure:
-    """Validation (dashed) and test (solid) accuracy against `x`, one colour per `series` value,
-    mean over runs with a +- standard error band; the x chosen on validation is marked."""
-    fig = Figure(figsize=(6.4, 4.6))
+    """Validation (dashed) and test (solid) accuracy against `x`, one colour per `series` value
+    (methods in their `rftbench.style` colour), mean over runs with a +- standard error band; each
+    run's choice on validation is a triangle at its value on that run's validation curve."""
+    fig = Figure(figsize=(7.2, 4.8))
     ax = fig.add_subplot()
+    handles = []
     for i, (label, g) in enumerate(t.groupby(series, sort=True)):
-        color = f"C{i % 10}"
+        color = method_style(label).color if series == "method" else series_color(i)
+        n = g["run_id"].nunique()
         for col, style in (("val_acc", "--"), ("test_acc", "-")):
-            if col not in g:
+            if col not in g or g[col].isna().all():
                 continue
             s = _mean_se(g, x, col)
-            ax.plot(s.index, s["mean"], style, color=color, marker=".",
-                    label=f"{label} {col.replace('_acc', '')}" + (f" (n={g['run_id'].nunique()})" if col == "test_acc" else ""))
-            ax.fill_between(s.index, s["mean"] - s["se"], s["mean"] + s["se"], color=color, alpha=0.15)
+            line, = ax.plot(s.index, s["mean"], style, color=color, marker=".", lw=1.4)
+            ax.fill_between(s.index, s["mean"] - s["se"], s["mean"] + s["se"], color=color, alpha=0.15, lw=0)
+            if col == "test_acc":
+                handles.append(Line2D([], [], color=color, lw=6, alpha=0.6, label=f"{label} (n={n} runs)"))
         if "val_acc" in g:
-            ax.axvline(_mean_se(g, x, "val_acc")["mean"].idxmax(), color=color, lw=0.8, alpha=0.6)
+            c = chosen_points(g, x)
+            ax.plot(c[x], c["val_acc"], "v", color=color, markeredgecolor=EDGE, markersize=8, zorder=4,
+                    linestyle="none")
+            for (cx, cy), k in c.groupby([x, "val_acc"]).size().items():
+                if k > 1:  # several runs chose the same point: say how many
+                    ax.annotate(f"×{k}", (cx, cy), xytext=(6, 4), textcoords="offset points", fontsize=7)
+    handles += [Line2D([], [], color="0.3", ls="--", label="validation accuracy"),
+                Line2D([], [], color="0.3", ls="-", label="test accuracy"),
+                Line2D([], [], color="0.5", marker="v", markeredgecolor=EDGE, ls="none",
+                       label="chosen on validation (one per run)")]
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.text(0.01, -0.02, "Lines: mean over runs (trial seeds), band: ± standard error; test accuracy is shown "
+             "for analysis only, every choice uses validation data.", fontsize=7, ha="left", va="top")
     return fig
 
 
@@ -130,4 +197,18 @@ def plot_all(runs: pd.DataFrame, fits: dict[str, LogitFit], runs_root: str | Pat
         for (suite, backbone), g in t.groupby(["suite", "backbone"]):
             fig = curve_figure(g, x, series, title.format(f"{suite} / {backbone}"), xlabel)
             paths.append(save(fig, out / _name(prefix, suite, backbone)))
+    remove_stale(out, paths)
     return paths
+
+
+PREFIXES = ("id_vs_ood_", "ct_beta_", "rws_coeff_")
+
+
+def remove_stale(out_dir: Path, written: list[Path]) -> list[Path]:
+    """Delete this module's plots in `out_dir` that this build did not write (e.g. a
+    `rws_coeff_*.png` from an earlier set of runs with RWS rows); returns them."""
+    keep = {p.name for p in written}
+    stale = [p for p in out_dir.glob("*.png") if p.name.startswith(PREFIXES) and p.name not in keep]
+    for p in stale:
+        p.unlink()
+    return stale

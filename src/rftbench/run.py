@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import hydra
+import pandas as pd
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,7 @@ from rftbench.evaluate import evaluate, row
 from rftbench.identity import CONFIG_DIR, run_id, run_id_of, start_spec  # noqa: F401 (the runner's API)
 from rftbench.methods.base import Adapted, validate
 from rftbench.results import environment, run_folder
+from rftbench.summary import summary_block
 from rftbench.train import RunContext, count_params
 from rftbench.utils import apply_threads, resolve_device, seed_everything
 from rftbench.validate import validate_config
@@ -182,6 +184,7 @@ def execute(cfg: DictConfig) -> str:
                   folder.path / "error.txt")
         raise
     log.info("done %s -> %s", folder.run_id, folder.path)
+    print(summary_block(pd.read_csv(folder.path / "metrics.csv", dtype={"run_id": str}), folder.path), flush=True)
     return "done"
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rftbench.data.base import Split, batches
+from rftbench.progress import bar
 from rftbench.selection import Running
 
 log = logging.getLogger("rftbench")
@@ -193,8 +194,9 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
         if bn_eval:
             set_bn_eval(model)
         total = torch.zeros((), device=ctx.device)
-        for xb, yb in batches(train, batch_size, shuffle=True, seed=ctx.seed * 100_003 + epoch,
-                              num_workers=ctx.num_workers, device=ctx.device, augment=True):
+        for xb, yb in bar(batches(train, batch_size, shuffle=True, seed=ctx.seed * 100_003 + epoch,
+                                  num_workers=ctx.num_workers, device=ctx.device, augment=True),
+                          f"epoch {epoch}/{epochs}", total=steps, unit="batch"):
             if ctx.cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with ctx.autocast():
@@ -242,7 +244,8 @@ def predict(model: nn.Module, split: Split, ctx: RunContext, fn: Callable | None
     was_training = model.training
     model.eval()
     outs = []
-    for xb, _ in batches(split, ctx.eval_batch_size, num_workers=ctx.num_workers, device=ctx.device):
+    for xb, _ in bar(batches(split, ctx.eval_batch_size, num_workers=ctx.num_workers, device=ctx.device),
+                     split.name, total=math.ceil(len(split) / ctx.eval_batch_size), unit="batch"):
         if ctx.cuda:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with ctx.autocast():

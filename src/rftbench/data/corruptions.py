@@ -23,6 +23,8 @@ from imagecorruptions import corrupt as _library_corrupt
 
 from rftbench.utils import load_cached, save_cached, stable_hash, tensor_digest
 
+from rftbench.progress import bar
+
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
     "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
@@ -129,7 +131,7 @@ def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: 
     else:
         stored = {
             key: torch.from_numpy(_corrupt_uint8(pixels, c, s, seed)).permute(0, 3, 1, 2).contiguous()
-            for (c, s), key in names.items()
+            for (c, s), key in bar(names.items(), "corrupting", total=len(names))
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = dict(corruptions=json.dumps(corruptions), severities=json.dumps(severities),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from rftbench.data import corruptions as C
 from rftbench.data import glyphs
 from rftbench.data.base import Split, Suite, balanced_subset, per_class, stratified_split
+from rftbench.progress import bar
 from rftbench.utils import cache_root, config_target, load_cached, save_cached, stable_hash
 
 log = logging.getLogger("rftbench")
@@ -146,7 +147,7 @@ def pretrain_glyphs(*, backbone: dict, n_train: int, epochs: int, batch_size: in
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(n_train, generator=gen)
         correct = 0
-        for start in range(0, n_train, batch_size):
+        for start in bar(range(0, n_train, batch_size), f"pre-training epoch {epoch + 1}/{epochs}", unit="batch"):
             idx = order[start:start + batch_size]
             logits = model(x[idx])
             loss = F.cross_entropy(logits, y[idx])

@@ -50,6 +50,7 @@ from rftbench.methods.ct import (
     mean_beta_coeff,
     set_beta,
 )
+from rftbench.progress import bar
 from rftbench.selection import select
 from rftbench.train import RunContext, accuracy_on, count_params, extract_features, fit, fit_probes
 
@@ -109,7 +110,7 @@ def probe_sweep(ct_model: Classifier, suite: Suite, ctx: RunContext, grid: Seque
     over betas). Reads train and val only. Returns ({beta: val_acc}, {beta: (head, best_epoch)})."""
     ytr, yval = suite.train.labels.to(ctx.device), suite.val.labels.to(ctx.device)
     ftr, fval = [], []
-    for beta in grid:
+    for beta in bar(grid, "CT beta sweep"):
         set_beta(ct_model, beta)
         ftr.append(extract_features(ct_model, suite.train, ctx).to(ctx.device))
         fval.append(extract_features(ct_model, suite.val, ctx).to(ctx.device))
@@ -126,7 +127,7 @@ def probe_sweep(ct_model: Classifier, suite: Suite, ctx: RunContext, grid: Seque
 def model_sweep(ct_model: nn.Module, split: Split, ctx: RunContext, grid: Sequence[float]) -> dict[float, float]:
     """{beta: accuracy of `ct_model` on `split`} with its head as is."""
     out = {}
-    for beta in grid:
+    for beta in bar(grid, f"CT beta sweep ({split.name})"):
         set_beta(ct_model, beta)
         out[beta] = accuracy_on(ct_model, split, ctx)
         log.info("beta %.4g  %s_acc %.4f", beta, split.name, out[beta])

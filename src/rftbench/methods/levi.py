@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from rftbench.backbones import Classifier
+from rftbench.backbones import Classifier, as_classifier
 from rftbench.data.base import Suite, batches
 from rftbench.methods.base import Adapted
 from rftbench.train import RunContext, count_params, fit
@@ -84,6 +84,7 @@ class LEVI(nn.Module):
         taps = tuple(taps)
         if not taps:
             raise ValueError("LEVI needs at least one tap")
+        backbone = as_classifier(backbone)  # a plain timm/torchvision model works too
         body = backbone.body
         modules = dict(body.named_modules())
         missing = [t for t in taps if not t or t not in modules]

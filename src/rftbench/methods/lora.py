@@ -18,7 +18,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from rftbench.backbones import Classifier
+from rftbench.backbones import Classifier, as_classifier
 from rftbench.data.base import Suite, batches
 from rftbench.methods.base import Adapted
 from rftbench.train import RunContext, count_params, fit
@@ -70,12 +70,14 @@ def apply_lora(
     dropout: float = 0.0,
     targets: Sequence[str] = ("Conv2d", "Linear"),
 ) -> Classifier:
-    """A copy of `model` with peft LoRA on every `targets`-type layer of its body.
+    """A copy of `model` (a `Classifier`, or a plain timm/torchvision model with a final
+    `nn.Linear`, split by `rftbench.backbones.as_classifier`) as a `Classifier` with peft LoRA on
+    every `targets`-type layer of its body.
 
     Trainable: the LoRA A/B weights and the head. Frozen: every other parameter. `model` is not
     modified. At initialisation (B = 0) the copy computes exactly the same function as `model`.
     """
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(as_classifier(model))
     names = lora_target_names(model.body, targets)
     if not names:
         raise ValueError(f"backbone body {type(model.body).__name__} has no {list(targets)} layers to adapt")

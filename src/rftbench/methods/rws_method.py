@@ -45,6 +45,7 @@ from rftbench.data.digits import balanced_subset, corrupt_split
 from rftbench.evaluate import row, split_rows
 from rftbench.methods import ft, rws
 from rftbench.methods.base import Adapted, cached_training, state_of
+from rftbench.progress import bar
 from rftbench.selection import select
 from rftbench.train import RunContext, accuracy_on, count_params, predict
 
@@ -108,7 +109,7 @@ def train_experts(model: nn.Module, suite: Suite, ctx: RunContext, recipe: Mappi
 
     clean = record("clean", "val", ft.cached_finetune(copy.deepcopy(model), suite, ctx, **recipe))
     robust = {}
-    for c, train in train_sets.items():
+    for c, train in bar(train_sets.items(), "RWS experts", total=len(train_sets)):
         data = Suite(suite.name, suite.num_classes, {"train": train, "val": suite[f"ood_val/{c}"]},
                      suite.upstream_classes, suite.meta)
         res = cached_training(copy.deepcopy(model), ctx, robust_key(recipe, c, severity, seed),
