@@ -74,10 +74,11 @@ def evaluate(model: nn.Module, suite: Suite, ctx: RunContext, cfg: dict) -> list
     t0 = time.perf_counter()
     n_images = 0
     for split in bar(suite.eval_splits(), "evaluating", unit="split"):
-        logits = masked(predict(model, split, ctx), split)
-        if not torch.isfinite(logits).all():
+        raw = predict(model, split, ctx)
+        if not torch.isfinite(raw).all():
             raise NonFiniteLossError(f"the adapted model gives non-finite logits on {split.name}: it diverged; "
                                      f"lower the method's learning rate")
+        logits = masked(raw, split)  # (-inf outside a 200-class subset such as ImageNet-R's)
         n_images += len(split)
         new = split_rows(split, logits, cfg["ece_bins"])
         rows += new
