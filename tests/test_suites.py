@@ -116,3 +116,35 @@ def test_cifar_seen_corruption_splits_are_the_corrupted_val_split(tmp_path):
     attach(suite, {"name": "none"}, {"name": "resize"}, InputSpec(48, "bilinear", 1.0))
     xb, yb = next(iter(batches(suite["ood_val/saturate"], 4)))
     assert xb.shape == (4, 3, 48, 48) and yb.tolist() == val.labels[sub][:4].tolist()
+
+
+def test_rws_runs_end_to_end_on_streamed_cifar10(make_cfg, tmp_path, single_thread):
+    """method=rws on the file-backed CIFAR-10 suite: the corrupted train copies keep the train split's
+    augmentation and resize (uint8, streamed); the run completes with the RWS rows and tables."""
+    from rftbench.methods.rws_method import corrupted_train
+    from rftbench.run import build_suite
+    from rftbench.train import RunContext
+
+    write_cifar10(tmp_path / "data" / "cifar10", n_train_per_batch=10, n_test=20)
+    tiny = [o for o in TINY if not o.startswith(("method=", "backbone"))]  # a narrow random ResNet-10-T
+    overrides = [*tiny, "backbone=digits_resnet", "backbone.pretrain=null", "method=rws", "method.adapt.bn=recalibrate", "method.adapt.coeffs=[0.0,1.0]", "method.adapt.alphas=[0.0,2.0]",
+        "suite=cifar10", f"paths.data={tmp_path / 'data'}", "suite.build.corruptions=[]",
+        "suite.build.cifar10_1_root=null", "eval.adversarial.enabled=false",
+        "suite.build.seen_corruptions.names=[saturate,speckle_noise]"]
+    cfg = make_cfg(*overrides, experiment=None)
+    suite = build_suite(cfg, RunContext(cache_dir=tmp_path / "cache"))
+    train = corrupted_train(suite, RunContext(cache_dir=tmp_path / "cache"))["saturate"]
+    assert not train.in_memory and train.dataset.images.dtype == np.uint8 and len(train) == len(suite.train)
+    assert train.train_transform is suite.train.train_transform and train.transform is suite.train.transform
+    assert train.labels.tolist() == suite.train.labels.tolist()
+
+    m = run_done(make_cfg, *overrides)
+    acc = m[m["metric"] == "acc"]
+    assert sorted(acc[acc["split"].str.startswith("ood_seen/")]["split"]) == ["ood_seen/saturate/5",
+                                                                              "ood_seen/speckle_noise/5"]
+    assert {"acc_single", "acc_quant"} <= set(m["metric"]) and "acc_mean" in set(m["metric"])
+    folder = run_folder(make_cfg(*overrides, experiment=None)).path
+    assert sorted(p.name for p in (folder / "signatures").iterdir()) == sorted(
+        f"{c}{q}.safetensors" for c in ("saturate", "speckle_noise") for q in ("", ".q16"))
+    experts = pd.read_csv(folder / "rws_experts.csv")
+    assert experts["select"].tolist() == ["val", "ood_val/saturate", "ood_val/speckle_noise"]
