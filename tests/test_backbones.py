@@ -54,6 +54,9 @@ def test_torchvision_source_and_unknown_source():
         create_backbone("resnet18", source="nope")
 
 
+NO_SEEN = {"names": [], "severity": 5, "n_val": None, "seed": 3}  # suite.build.seen_corruptions turned off
+
+
 def write_cifar10(root: Path, n_train_per_batch: int = 10, n_test: int = 20, seed: int = 0) -> None:
     """Files in the exact python-pickle layout of cifar-10-batches-py (tiny)."""
     rng = np.random.default_rng(seed)
@@ -76,7 +79,8 @@ def test_cifar_reader_matches_the_pickles(tmp_path):
         raw = pickle.load(f, encoding="bytes")[b"data"][3]
     assert np.array_equal(data["test"][0][3].transpose(2, 0, 1).reshape(-1), raw)
     suite = build_cifar(root=str(tmp_path), dataset="cifar10", seed=0, val_fraction=0.2, corruption_root=None,
-                        corruptions=[], severities=[], corruption_n=None, cifar10_1_root=None)
+                        corruptions=[], severities=[], corruption_n=None, cifar10_1_root=None,
+                        seen_corruptions=NO_SEEN)
     assert len(suite.train) == 40 and len(suite.val) == 10 and not suite.train.in_memory
     x, _ = suite["test"].dataset[3]
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1

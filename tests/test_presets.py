@@ -65,6 +65,19 @@ def test_preset_composes_instantiates_and_plans(make_cfg, tmp_path, preset):
         assert all(r.backbone.split("/")[1] == r.suite for r in table.itertuples())
 
 
+def test_rws_cifar10c_declares_the_seen_corruptions_rws_needs(make_cfg):
+    """RWS's labelled corrupted data: the 4 extra corruptions at severity 5 on val, a seed disjoint
+    from the seen-corruption test splits'."""
+    from rftbench.data.corruptions import EXTRA_CORRUPTIONS
+
+    cfg = make_cfg(experiment="rws_cifar10c")
+    seen = OmegaConf.to_container(cfg.suite.build.seen_corruptions, resolve=True)
+    assert cfg.method.name == "rws" and cfg.suite.name == "cifar10" and cfg.backbone.name == "tv_resnet50"
+    assert seen == {"names": list(EXTRA_CORRUPTIONS), "severity": 5, "n_val": None, "seed": 3}
+    assert not set(seen["names"]) & set(cfg.suite.build.corruptions)
+    assert cfg.method.adapt.seen_test.seed != seen["seed"]
+
+
 def test_plan_flag_prints_the_job_list(tmp_path, capsys):
     from rftbench.run import main
     import sys

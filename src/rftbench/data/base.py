@@ -221,6 +221,17 @@ class Suite:
         return self.by_role("test", "ood")
 
 
+SEEN_KEYS = ("names", "severity", "n_val", "seed")  # suite.build.seen_corruptions (digits, cifar)
+
+
+def config_section(name: str, value: dict, keys: tuple[str, ...]) -> dict:
+    """A nested `suite.build.<name>` node with exactly `keys` (no defaults here: they are in YAML)."""
+    if set(value) != set(keys):
+        raise TypeError(f"suite.build.{name} must have exactly the keys {', '.join(keys)}; "
+                        f"missing: {sorted(set(keys) - set(value))}, unknown: {sorted(set(value) - set(keys))}")
+    return dict(value)
+
+
 def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (rest, held) with round(fraction * class count) of each class held out, seeded."""
     gen = torch.Generator().manual_seed(seed)

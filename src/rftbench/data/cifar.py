@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rftbench.data.base import Split, Suite, stratified_split
-from rftbench.utils import config_target
+from rftbench.data.base import SEEN_KEYS, Split, Suite, balanced_subset, config_section, stratified_split
+from rftbench.data.corruptions import corrupted_splits
+from rftbench.utils import cache_root, config_target
 
 log = logging.getLogger("rftbench")
 LAYOUT = {
@@ -147,14 +148,19 @@ def read_cifar10_1(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
 @config_target("suite.build")
 def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corruption_root: str | None,
                 corruptions: Sequence[str], severities: Sequence[int], corruption_n: int | None,
-                cifar10_1_root: str | None, cache_dir: str | None = None) -> Suite:
+                cifar10_1_root: str | None, seen_corruptions: dict, cache_dir: str | None = None) -> Suite:
     """CIFAR suite: train/val (stratified, seeded split of the official train set), test,
     `ood/corruption/<name>/<severity>` from CIFAR-10-C / CIFAR-100-C when `corruption_root` is set,
     and (CIFAR-10) `ood/cifar10_1` from CIFAR-10.1 v6 under `cifar10_1_root` when present (skipped
     with a warning naming the path otherwise).
 
+    `seen_corruptions` ({names, severity, n_val, seed}): for shift-aware methods (RWS), the val split
+    (a class-balanced subset of `n_val` images, all if null) under each of `names`, corrupted at
+    `severity` with `seed` (`rftbench.data.corruptions.corrupted_splits`, cached in `cache_dir`):
+    `ood_val/<corruption>` splits, declared in `meta["seen_corruptions"]`; `names: []` makes none.
+
     The keywords are `suite.build` of configs/suite/cifar10.yaml (their defaults live there);
-    `seed` and `cache_dir` come from the runner (`cache_dir` is unused: nothing is cached)."""
+    `seed` and `cache_dir` come from the runner."""
     data = read_cifar(root, dataset)
     xtr, ytr = data["train"]
     rest, held = stratified_split(torch.from_numpy(ytr), val_fraction, seed)
@@ -164,6 +170,14 @@ def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corr
         "val": Split("val", "val", dataset=UInt8Images(xtr[held], ytr[held])),
         "test": Split("test", "test", dataset=UInt8Images(*data["test"])),
     }
+    seen = config_section("seen_corruptions", seen_corruptions, SEEN_KEYS)
+    if len(seen["names"]):
+        val = splits["val"]
+        if seen["n_val"] is not None:
+            val = val.subset(balanced_subset(val.labels, seen["n_val"], seen["seed"]))
+        splits.update({f"ood_val/{c}": s for c, s in corrupted_splits(
+            val, seen["names"], seen["severity"], seen["seed"], cache_dir or cache_root(), role="ood_val",
+            name="ood_val/{corruption}").items()})
     if corruption_root and corruptions:
         from rftbench.data.corruption_sets import load_cifar_c
 
@@ -186,5 +200,6 @@ def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corr
     # a model pre-trained on the same dataset (e.g. a RobustBench model) keeps its head
     return Suite(dataset, num_classes, splits, upstream_classes=list(range(num_classes)),
                  meta={"upstream": dataset, "root": str(root), "n_train": len(rest), "n_val": len(held),
-                       **meta_ood},
+                       "seen_corruptions": list(seen["names"]), "seen_severity": seen["severity"],
+                       "seen_seed": seen["seed"], **meta_ood},
                  class_names=class_names(root, dataset))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from imagecorruptions import corrupt as _library_corrupt
 
+from rftbench.data.base import Split
 from rftbench.utils import load_cached, save_cached, stable_hash, tensor_digest
 
 from rftbench.progress import bar
@@ -138,3 +139,33 @@ def corrupted_set(images: torch.Tensor, corruptions: Sequence[str], severities: 
                         seed=str(seed), library=LIBRARY_VERSION, format=str(CACHE_FORMAT_VERSION))
         save_cached(path, stored, metadata)
     return {cs: stored[key].float().div(255.0) for cs, key in names.items()}
+
+
+def corrupted_splits(split: Split, corruptions: Sequence[str], severity: int, seed: int,
+                     cache_dir: str | os.PathLike, *, role: str, name: str) -> dict[str, Split]:
+    """`split` under each corruption at `severity`, labels unchanged (`corrupted_set`, cached by
+    content hash); `name` is formatted with `corruption` and `severity` to name each copy.
+
+    An in-memory split gives in-memory float32 copies. A streamed split is read once at its native
+    resolution (its dataset without transforms: the images must share one size, as CIFAR's do),
+    corrupted there, and each copy is kept as uint8 pixels in a streamed split with the split's
+    transforms, so that it reaches the model at the same size (and, on a train split, with the same
+    augmentation) as the clean split: a quarter of float32's memory (~0.12 GB per copy of CIFAR's
+    40,000 training images, after a transient float32 read of ~0.5 GB).
+    """
+    from rftbench.data.cifar import UInt8Images  # cifar imports this module
+
+    source = split if split.in_memory else Split(split.name, split.role, dataset=split.dataset).materialize()
+    sets = corrupted_set(source.x, corruptions, [severity], seed, cache_dir)
+    out = {}
+    for c in corruptions:
+        tags = dict(name=name.format(corruption=c, severity=severity), role=role, shift="corruption",
+                    corruption=c, severity=severity)
+        cx = sets[(c, severity)]
+        if split.in_memory:
+            out[c] = Split(x=cx, y=source.y, **tags)
+        else:  # exact: corrupted images are multiples of 1/255
+            pixels = cx.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+            out[c] = Split(dataset=UInt8Images(pixels, source.y.numpy()), transform=split.transform,
+                           train_transform=split.train_transform if role == "train" else None, **tags)
+    return out

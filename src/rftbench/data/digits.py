@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from rftbench.data import corruptions as C
 from rftbench.data import glyphs
-from rftbench.data.base import Split, Suite, balanced_subset, per_class, stratified_split
+from rftbench.data.base import SEEN_KEYS, Split, Suite, balanced_subset, config_section, per_class, stratified_split
 from rftbench.progress import bar
 from rftbench.utils import cache_root, config_target, load_cached, save_cached, stable_hash
 
@@ -41,15 +41,6 @@ def handwritten_digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 TYPED_KEYS = ("n", "augment", "seed")
 CORRUPTION_KEYS = ("n", "names", "severities", "seed")
-SEEN_KEYS = ("names", "severity", "n_val", "seed")
-
-
-def _section(name: str, value: dict, keys: tuple[str, ...]) -> dict:
-    """A nested `suite.build.<name>` node with exactly `keys` (no defaults here: they are in YAML)."""
-    if set(value) != set(keys):
-        raise TypeError(f"suite.build.{name} must have exactly the keys {', '.join(keys)}; "
-                        f"missing: {sorted(set(keys) - set(value))}, unknown: {sorted(set(value) - set(keys))}")
-    return dict(value)
 
 
 @config_target("suite.build")
@@ -63,9 +54,9 @@ def build_digits(*, seed: int, train_per_class: int | None, val_fraction: float,
     and `cache_dir` come from the runner. `typed`: {n, augment, seed}; `corruption`: {n, names,
     severities, seed}; `seen_corruptions`: {names, severity, n_val, seed}."""
     cache_dir = Path(cache_dir) if cache_dir else cache_root()
-    typed = _section("typed", typed, TYPED_KEYS)
-    corruption = _section("corruption", corruption, CORRUPTION_KEYS)
-    seen = _section("seen_corruptions", seen_corruptions, SEEN_KEYS)
+    typed = config_section("typed", typed, TYPED_KEYS)
+    corruption = config_section("corruption", corruption, CORRUPTION_KEYS)
+    seen = config_section("seen_corruptions", seen_corruptions, SEEN_KEYS)
     fonts_held_out = tuple(fonts_held_out or glyphs.DEFAULT_HELD_OUT)
 
     x, y = handwritten_digits(image_size)
@@ -106,13 +97,6 @@ def build_digits(*, seed: int, train_per_class: int | None, val_fraction: float,
             "seen_corruptions": list(seen["names"]), "seen_severity": seen["severity"],
             "seen_seed": seen["seed"], "upstream": "glyphs", "image_size": image_size}
     return Suite("digits", 10, splits, upstream_classes=DIGIT_CLASSES, meta=meta)
-
-
-def corrupt_split(split: Split, name: str, severity: int, seed: int, cache_dir: Path) -> Split:
-    """`split` under one corruption (cached): labelled corrupted data for shift-aware methods."""
-    cx = C.corrupted_set(split.x, [name], [severity], seed, cache_dir)[(name, severity)]
-    return Split(f"{split.name}/{name}/{severity}", split.role, "corruption", x=cx, y=split.y,
-                 corruption=name, severity=severity)
 
 
 @config_target("backbone.pretrain")

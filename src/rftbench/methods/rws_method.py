@@ -23,6 +23,11 @@
 - `recalibrate`: signatures as in `keep`; after patching, running statistics are re-estimated on the
   corrupted TRAINING images of the patched corruptions (all seen ones for the composition).
 
+Memory: the corrupted copies of the train set live in memory. A streamed (file-backed) train or
+test split is read once at its native resolution and each corrupted copy is kept as uint8 with the
+split's transforms (`rftbench.data.corruptions.corrupted_splits`): for CIFAR-10's 40,000 training
+images ~0.5 GB of float32 while corrupting, then ~0.12 GB per seen corruption.
+
 Seen corruptions are also measured on the ID test set (`ood_seen/<c>/<severity>`, shift
 `corruption`, the test corruptions' seed and class-balanced subset): these rows never enter the
 unseen-corruption mean, which the evaluator takes over `ood/corruption/...` splits only.
@@ -38,10 +43,10 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import ConcatDataset
 
 from rftbench.data import corruptions as C
-from rftbench.data.base import Split, Suite, batches
-from rftbench.data.digits import balanced_subset, corrupt_split
+from rftbench.data.base import Split, Suite, balanced_subset, batches
 from rftbench.evaluate import row, split_rows
 from rftbench.methods import ft, rws
 from rftbench.methods.base import Adapted, cached_training, state_of
@@ -83,15 +88,14 @@ def seen_setup(suite: Suite) -> tuple[list[str], int, int]:
     missing = [f"ood_val/{c}" for c in names if f"ood_val/{c}" not in suite.splits]
     if missing:
         raise ValueError(f"suite {suite.name} lacks the corrupted validation splits {missing}")
-    if not suite.train.in_memory:
-        raise ValueError(f"method=rws corrupts the training set in memory; suite {suite.name} streams it")
     return list(names), int(suite.meta["seen_severity"]), int(suite.meta["seen_seed"])
 
 
 def corrupted_train(suite: Suite, ctx: RunContext) -> dict[str, Split]:
     """The training set under each seen corruption (cached on disk)."""
     names, severity, seed = seen_setup(suite)
-    return {c: corrupt_split(suite.train, c, severity, seed, ctx.cache_dir) for c in names}
+    return {c: C.corrupted_splits(suite.train, [c], severity, seed, ctx.cache_dir, role="train",
+                                  name="train/{corruption}/{severity}")[c] for c in names}
 
 
 def train_experts(model: nn.Module, suite: Suite, ctx: RunContext, recipe: Mapping,
@@ -122,13 +126,8 @@ def seen_test_splits(suite: Suite, ctx: RunContext, n: int | None, seed: int) ->
     """The ID test set (class-balanced subset of about `n`, all if None) under each seen corruption at
     the seen severity, corrupted with the test corruptions' `seed`: `ood_seen/<c>/<severity>`."""
     names, severity, _ = seen_setup(suite)
-    test = suite["test"]
-    if not test.in_memory:
-        raise ValueError(f"method=rws corrupts the test set in memory; suite {suite.name} streams it")
-    idx = torch.arange(len(test)) if n is None else balanced_subset(test.y, n, seed)
-    sets = C.corrupted_set(test.x[idx], names, [severity], seed, ctx.cache_dir)
-    return {c: Split(f"ood_seen/{c}/{severity}", "ood", "corruption", x=sets[(c, severity)], y=test.y[idx],
-                     corruption=c, severity=severity) for c in names}
+    test = suite["test"] if n is None else suite["test"].subset(balanced_subset(suite["test"].labels, n, seed))
+    return C.corrupted_splits(test, names, severity, seed, ctx.cache_dir, role="ood", name="ood_seen/{corruption}/{severity}")
 
 
 # -------------------------------------------------------------------------------------- patching
@@ -152,8 +151,9 @@ class Patcher:
         model.load_state_dict(state)
         if self.bn == "recalibrate":
             parts = [self.bn_data[c] for c in coeffs]
-            data = Split("rws/bn", "train", "corruption", x=torch.cat([p.x for p in parts]),
-                         y=torch.cat([p.y for p in parts]))
+            data = (Split("rws/bn", "train", "corruption", x=torch.cat([p.x for p in parts]), y=torch.cat([p.y for p in parts]))
+                    if parts[0].in_memory else Split("rws/bn", "train", "corruption", transform=parts[0].transform,
+                                                     dataset=ConcatDataset([p.dataset for p in parts])))
             rws.recalibrate_bn(model, batches(data, self.batch_size, shuffle=True, seed=self.ctx.seed,
                                               device=self.ctx.device))
         return model.eval()
