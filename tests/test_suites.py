@@ -148,3 +148,28 @@ def test_rws_runs_end_to_end_on_streamed_cifar10(make_cfg, tmp_path, single_thre
         f"{c}{q}.safetensors" for c in ("saturate", "speckle_noise") for q in ("", ".q16"))
     experts = pd.read_csv(folder / "rws_experts.csv")
     assert experts["select"].tolist() == ["val", "ood_val/saturate", "ood_val/speckle_noise"]
+
+
+def test_cifar_c_splits_stream_through_the_backbones_eval_transform(tmp_path):
+    """CIFAR-10-C splits reach the model like the ID test split: at the backbone's input size, with
+    exactly the files' pixels before the resize."""
+    from omegaconf import OmegaConf
+
+    from rftbench.backbones import input_spec
+    from rftbench.data.cifar import build_cifar
+    from rftbench.transforms import attach
+    from test_corruption_sets import write_cifar_c
+
+    write_cifar10(tmp_path / "cifar10")
+    write_cifar_c(tmp_path / "c", "CIFAR-10-C", ["fog"], n_per_severity=10, size=32)
+    suite = build_cifar(root=str(tmp_path / "cifar10"), dataset="cifar10", seed=0, val_fraction=0.2,
+                        corruption_root=str(tmp_path / "c"), corruptions=["fog"], severities=[2],
+                        corruption_n=None, cifar10_1_root=None, seen_corruptions=NO_SEEN)
+    split = suite["ood/corruption/fog/2"]
+    raw = np.load(tmp_path / "c" / "CIFAR-10-C" / "fog.npy")[10 + 3]  # severity 2, image 3
+    assert not split.in_memory and torch.equal(split.dataset[3][0], torch.from_numpy(raw).permute(2, 0, 1).float() / 255)
+    spec = input_spec(OmegaConf.create({"source": "timm", "arch": "resnet50", "kwargs": {},
+                                        "input": {"size": 64, "interpolation": "bilinear", "crop_pct": 1.0}}))
+    suite = attach(suite, {"name": "none"}, {"name": "center_crop"}, spec)
+    shapes = {name: next(iter(batches(suite[name], 4)))[0].shape[-2:] for name in ("test", "ood/corruption/fog/2")}
+    assert shapes["test"] == shapes["ood/corruption/fog/2"] == (64, 64)

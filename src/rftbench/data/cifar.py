@@ -183,8 +183,12 @@ def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corr
 
         sets = load_cifar_c(corruption_root, dataset, list(corruptions), list(severities), n_examples=corruption_n)
         for (name, sev), (x, y) in sets.items():
+            # streamed like the ID test set (uint8 again: the files are 8-bit), so every split reaches
+            # the model through the same evaluation transform (e.g. resized to 224 px for ResNet-50)
+            images = x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
             key = f"ood/corruption/{name}/{sev}"
-            splits[key] = Split(key, "ood", "corruption", x=x, y=y, corruption=name, severity=sev)
+            splits[key] = Split(key, "ood", "corruption", dataset=UInt8Images(images, y.numpy()),
+                                corruption=name, severity=sev)
     meta_ood = {}
     if cifar10_1_root is not None:
         if dataset != "cifar10":
