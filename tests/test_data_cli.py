@@ -52,3 +52,17 @@ def test_verify_ct_transfer_and_complete_tree(tmp_path, capsys):
 def test_usage(capsys):
     assert main([]) == 2 and "verify" in capsys.readouterr().err
     assert imagenet.PARTS["test"].expected == 50_000 and imagenet.PARTS["ood/imagenet_a"].expected == 7_500
+
+
+def test_rftbench_data_is_the_console_command(tmp_path):
+    """`rftbench data ...` (the installed console script) is `python -m rftbench.data ...`."""
+    import subprocess
+    import sys
+
+    code = "import sys; from rftbench.run import main; sys.argv = ['rftbench', 'data']; main()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2 and "usage: python -m rftbench.data {verify,download}" in out.stderr
+    code = ("import sys; from rftbench.run import main; "
+            f"sys.argv = ['rftbench', 'data', 'verify', 'suite=domainnet', 'paths.data={tmp_path}']; main()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 1 and "missing" in out.stdout

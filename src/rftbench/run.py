@@ -198,7 +198,12 @@ def hydra_main(cfg: DictConfig) -> str:
 
 def main() -> None:
     """The command line: one run, or with -m a sweep that ends with a summary and exits 1 if a run
-    failed; `--plan` lists the sweep's jobs and their status instead of running them."""
+    failed; `--plan` lists the sweep's jobs and their status instead of running them;
+    `rftbench data verify|download suite=...` checks or fetches a suite's data (`rftbench.data`)."""
+    if sys.argv[1:2] == ["data"]:
+        from rftbench.data.__main__ import main as data_main
+
+        sys.exit(data_main(sys.argv[2:]))
     if "--plan" in sys.argv[1:]:
         from rftbench.plan import main as plan_main
 
