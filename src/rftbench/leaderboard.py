@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = write(lb.board, args.out, lb)
     if not args.no_plots:
         paths += plots.plot_all(lb.runs, lb.fits, args.runs, args.out)
+        paths += plots.plot_wise_curves(args.runs, args.out)
     print((Path(args.out) / "leaderboard.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
 
