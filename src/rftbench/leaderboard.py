@@ -94,9 +94,30 @@ def add_provenance(board: pd.DataFrame, runs: pd.DataFrame, prov: dict[str, dict
         values = []
         for _, r in board.iterrows():
             ids = runs[(runs[KEYS] == r[KEYS]).all(axis=1) & (runs["variant"] == r["variant"])]["run_id"]
-            values.append(";".join(sorted({prov.get(i, {}).get(col, "unknown") for i in ids})) or "unknown")
+            values.append(";".join(sorted({prov.get(str(i).split(":", 1)[0], {}).get(col, "unknown") for i in ids})) or "unknown")
         board[col] = values
     return board
+
+
+ROW_DETAIL = "row:"  # metric rows of a run with detail "row:<name>" form the leaderboard row <method>_<name>
+
+
+def split_rows(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Rows a method records for a second model of the same run (`detail` "row:<name>", e.g. RWS's
+    `bn_only` attribution) become a run of their own, method `<method>_<name>`, run id
+    `<run_id>:<name>`, same variant; the run's other rows are left as they are."""
+    variants = dict(variants or {})
+    detail = metrics["detail"].astype(object).fillna("").astype(str) if "detail" in metrics else None
+    if detail is None or not detail.str.startswith(ROW_DETAIL).any():
+        return metrics, variants
+    extra = detail.str.startswith(ROW_DETAIL)
+    name = detail[extra].str[len(ROW_DETAIL):]
+    moved = metrics[extra].assign(method=metrics.loc[extra, "method"] + "_" + name,
+                                  run_id=metrics.loc[extra, "run_id"].astype(str) + ":" + name, detail=None)
+    for old, new in zip(metrics.loc[extra, "run_id"].astype(str), moved["run_id"]):
+        if old in variants:
+            variants[new] = variants[old]
+    return pd.concat([metrics[~extra], moved], ignore_index=True), variants
 
 
 def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd.DataFrame:
@@ -211,7 +232,7 @@ class Leaderboard:
 
 
 def build_all(runs_root: str | Path, baselines=BASELINES) -> Leaderboard:
-    runs = per_run(load_metrics(runs_root), run_variants(runs_root))
+    runs = per_run(*split_rows(load_metrics(runs_root), run_variants(runs_root)))
     if runs.empty:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
     runs, fits, er_fits = add_effective_robustness(runs, baselines)
