@@ -156,3 +156,21 @@ def test_runs_recorded_before_the_val_acc_field_are_chosen_by_chosen_val_acc(tmp
         m.loc[m["metric"] == "val_acc", "metric"] = "chosen/val_acc"
         m.to_csv(path, index=False)
     assert row(lb.build_all(root).board, "ft")["id_test_acc"] == pytest.approx(0.80)
+
+
+def test_unconverged_rows_get_a_dagger_and_levi_its_reconstruction_label(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        for method in ("ft", "lora", "levi"):
+            run_id = add_run(root, method, seed, 0.8, 0.4)
+            folder = RunFolder(root, "digits", "b", method, run_id)
+            m = pd.read_csv(folder.path / "metrics.csv")
+            converged = 0.0 if (method == "lora" and seed == 1) else 1.0
+            m.loc[len(m)] = {**m.iloc[0].to_dict(), "split": "-", "metric": "converged", "value": converged}
+            m.to_csv(folder.path / "metrics.csv", index=False)
+    board = lb.build(root)
+    assert row(board, "lora")["converged"] == 0.5 and row(board, "ft")["converged"] == 1.0
+    md, tex = lb.display_table(board), lb.display_table(board, "tex")
+    assert sorted(md["method"]) == ["ft", "levi (reconstruction)", "lora †"]
+    assert r"lora \dag{}" in set(tex["method"])
+    assert set(board["method"]) == {"ft", "levi", "lora"}   # the CSV keeps the method ids

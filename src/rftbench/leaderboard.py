@@ -138,6 +138,8 @@ def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd
         if not len(sel):  # runs recorded before the explicit field: their `chosen/val_acc` row
             sel = g[(g["split"] == "-") & (g["metric"] == f"chosen/{SELECT_BY}")]
         rec[SELECT_BY] = sel["value"].mean() if len(sel) else np.nan
+        sel = g[(g["split"] == "-") & (g["metric"] == "converged")]
+        rec["converged"] = sel["value"].min() if len(sel) else np.nan
         for _, r in g[g["metric"].str.startswith("chosen/")].iterrows():
             rec[r["metric"]] = r["value"]
         out[run_id] = rec
@@ -257,20 +259,28 @@ def _fmt(v: float, se: float, pct: bool) -> str:
 
 
 TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+               "†": r"\dag{}"}
 
 
 def _tex(text: str) -> str:
     return "".join(TEX_ESCAPES.get(ch, ch) for ch in str(text)).replace("±", r"$\pm$")
 
 
+# method -> the name shown in the Markdown/LaTeX tables (the CSV keeps the method id)
+DISPLAY_NAMES = {"levi": "levi (reconstruction)"}
+
+
 def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     """Human-readable table (`fmt` md or tex): percentages with +- SE, costs, n_seeds; entries
-    within noise of their group's best in bold."""
+    within noise of their group's best in bold; methods under their `DISPLAY_NAMES`."""
     cols = [c for c in SHOWN if c in board.columns and board[c].notna().any()]
-    out = board[KEYS + ["n_seeds"]].astype(str) if fmt == "tex" else board[KEYS + ["n_seeds"]].copy()
+    out = board[KEYS + ["n_seeds"]].copy()
+    out["method"] = out["method"].map(lambda m: DISPLAY_NAMES.get(m, m))
+    if "converged" in board:  # a mean below 1: some trial seed's best val epoch was its last
+        out["method"] = [f"{m} †" if c < 1 else m for m, c in zip(out["method"], board["converged"])]
     if fmt == "tex":
-        out = out.map(_tex)
+        out = out.astype(str).map(_tex)
     for c in cols:
         se = board[f"{c}_se"] if f"{c}_se" in board else pd.Series(np.nan, index=board.index)
         flags = board[f"{c}_within_noise"] if f"{c}_within_noise" in board else pd.Series(False, index=board.index)
@@ -286,7 +296,8 @@ def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
 
 
 NOTE = ("Mean ± standard error over n_seeds trial seeds; bold: the best of its suite and backbone, or "
-        "within the standard error of the difference from it.")
+        "within the standard error of the difference from it. †: in some trial seed the best validation "
+        "epoch was the last one (not converged within the budget).")
 
 
 def provenance_note(board: pd.DataFrame) -> str:

@@ -124,6 +124,7 @@ def train_experts(model: nn.Module, suite: Suite, ctx: RunContext, recipe: Mappi
 
     def record(name: str, select: str, res: Adapted) -> nn.Module:
         rows.append({"expert": name, "select": select, "best_epoch": res.info.get("best_epoch"),
+                     "converged": res.info.get("converged"),
                      "select_acc": res.val_acc, "cached": int(res.reused_time_s > 0),
                      "train_time_s": res.train_time_s, "reused_time_s": res.reused_time_s})
         return res.model.eval()
@@ -313,6 +314,8 @@ def adapt(model: nn.Module, suite: Suite, ctx: RunContext, *, recipe: dict, coef
             **{f"coeff/{c}": v for c, v in chosen.items()},
             **storage_info(signatures, levels, clean_state, files)}
     t = experts.table  # reused experts count with the time they took when trained
+    if t["converged"].notna().all():  # every expert's training
+        info["converged"] = int(t["converged"].min())
     return Adapted(final, val_acc=accuracy_on(final, suite.val, ctx), trainable_params=count_params(model),
                    train_time_s=float(t["train_time_s"].sum()), reused_time_s=float(t["reused_time_s"].sum()),
                    info=info, analysis=analysis,

@@ -110,6 +110,8 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, recipe: dict, probe_
 
     info = {"alpha": best, "start_head_probe": int(use_probe), "end_val_acc": tuned.val_acc,
             "select_ood_val": int(select == "ood_val")}
+    if "converged" in tuned.info:  # the end point's training
+        info["converged"] = tuned.info["converged"]
     return Adapted(work, val_acc=table["val_acc"][i], trainable_params=tuned.trainable_params,
                    train_time_s=tuned.train_time_s, reused_time_s=tuned.reused_time_s, info=info,
                    tables={"wise_sweep": pd.DataFrame(table)}, analysis=analysis)
