@@ -174,3 +174,22 @@ def test_unconverged_rows_get_a_dagger_and_levi_its_reconstruction_label(tmp_pat
     assert sorted(md["method"]) == ["ft", "levi (reconstruction)", "lora †"]
     assert r"lora \dag{}" in set(tex["method"])
     assert set(board["method"]) == {"ft", "levi", "lora"}   # the CSV keeps the method ids
+
+
+def test_tuned_variants_are_picked_on_val_and_listed_with_their_drawn_values(tmp_path):
+    root = tmp_path / "runs"
+    search = [{"key": "method.lr", "log_uniform": [1e-4, 1e-1]}]
+    for hp_seed, lr, test_acc, val in ((0, 0.01, 0.80, 0.70), (1, 0.003, 0.95, 0.60), (2, 0.05, 0.85, 0.90)):
+        for seed in range(2):
+            run_id = add_run(root, "lora", seed, test_acc, 0.4, val=val, lr=lr)
+            folder = RunFolder(root, "digits", "b", "lora", run_id)
+            cfg = yaml.safe_load((folder.path / "config.yaml").read_text())
+            cfg["method"]["search"], cfg["hp_seed"] = search, hp_seed
+            folder.write_text("config.yaml", yaml.safe_dump(cfg))
+    res = lb.build_all(root)
+    r = row(res.board, "lora")
+    assert r["id_test_acc"] == pytest.approx(0.85) and r["hp/method.lr"] == pytest.approx(0.05)  # val-best, not test-best
+    out = tmp_path / "results"
+    lb.write(res.board, out, res)
+    variants = pd.read_csv(out / "leaderboard_variants.csv")
+    assert sorted(variants["hp/method.lr"]) == pytest.approx([0.003, 0.01, 0.05]) and set(variants["n_seeds"]) == {2}

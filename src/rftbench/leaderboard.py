@@ -72,6 +72,25 @@ def run_variants(runs_root: str | Path) -> dict[str, str]:
     return out
 
 
+def variant_hparams(runs_root: str | Path) -> pd.DataFrame:
+    """variant -> the values its runs used for the keys of their search space (`method.search` and
+    `hp_search`, `rftbench.sweep.search_space`), as columns `hp/<key>` (read off config.yaml)."""
+    from omegaconf import OmegaConf
+
+    from rftbench.sweep import search_space
+
+    rows = {}
+    for folder in run_folders(runs_root):
+        if not (folder / "done").exists():
+            continue
+        raw = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        cfg = OmegaConf.create(raw)
+        keys = [spec.get("key") for spec in (search_space(cfg) or []) if spec.get("key")]
+        rows.setdefault(variant_id(raw), {}).update(
+            {f"hp/{k}": OmegaConf.select(cfg, k, default=None) for k in keys})
+    return pd.DataFrame([{"variant": v, **hp} for v, hp in rows.items()])
+
+
 def provenance(runs_root: str | Path) -> dict[str, dict[str, str]]:
     """run_id -> {"lock": hash of requirements.lock, "commit": rftbench commit (+"-dirty")}, read off
     each finished run's env.json: which environment and code produced it."""
@@ -239,6 +258,9 @@ def build_all(runs_root: str | Path, baselines=BASELINES) -> Leaderboard:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
     runs, fits, er_fits = add_effective_robustness(runs, baselines)
     variants = aggregate(runs)
+    hp = variant_hparams(runs_root)
+    if len(hp.columns) > 1:  # the drawn values of each variant, for leaderboard_variants.csv
+        variants = variants.merge(hp, on="variant", how="left")
     board = add_provenance(flag_noise(select_variants(variants)), runs, provenance(runs_root))
     return Leaderboard(board, variants, runs, fits, er_fits)
 
