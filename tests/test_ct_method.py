@@ -192,7 +192,7 @@ def test_ct_trainable_lr_schedule_maps_the_paper_to_the_budget(make_cfg, monkeyp
     with pytest.raises(Stop):
         instantiate(cfg.method.adapt)(model=model, suite=suite, ctx=ctx)
     assert calls["epochs"] == 20 and calls["bn_eval"] is True
-    assert calls["scheduler"] == {"name": "step", "milestones": [10], "gamma": 0.1}
+    assert calls["scheduler"] == {"name": "step", "milestones": [10], "gamma": 0.1, "warmup_epochs": 1}
     groups = calls["params"]
     assert [g.get("lr") for g in groups] == [0.1, None]  # CT params at 0.1, the head at Adam's 1e-3
     assert calls["optimizer"].keywords["lr"] == 1e-3

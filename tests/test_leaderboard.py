@@ -16,9 +16,9 @@ from rftbench.run import run_id_of
 
 
 def add_run(root, method: str, seed: int, id_acc: float, ood_acc: float, *, val: float = 0.5, ece: float = 0.1,
-            lr: float = 0.01, backbone: str = "b") -> str:
+            lr: float = 0.01, backbone: str = "b", extra: dict | None = None) -> str:
     cfg = {"seed": seed, "method": {"name": method, "lr": lr}, "suite": {"name": "digits"},
-           "backbone": {"name": backbone}, "paths": {"runs": str(root)}, "device": "cpu"}
+           "backbone": {"name": backbone}, "paths": {"runs": str(root)}, "device": "cpu", **(extra or {})}
     run_id = run_id_of(cfg)  # as the runner names it (the leaderboard checks)
     folder = RunFolder(root, "digits", backbone, method, run_id)
     folder.path.mkdir(parents=True)
@@ -223,3 +223,44 @@ def test_ood_worst_is_the_worst_individual_ood_result(tmp_path):
     board = lb.build(root, ())
     assert board.loc[0, "ood_worst_acc"] == pytest.approx(0.60)
     assert board.loc[0, "corruption_acc"] == pytest.approx(0.655)
+
+
+def test_unconverged_rows_get_a_dagger_and_levi_its_reconstruction_label(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        for method in ("ft", "lora", "levi"):
+            run_id = add_run(root, method, seed, 0.8, 0.4)
+            folder = RunFolder(root, "digits", "b", method, run_id)
+            m = pd.read_csv(folder.path / "metrics.csv")
+            converged = 0.0 if (method == "lora" and seed == 1) else 1.0
+            m.loc[len(m)] = {**m.iloc[0].to_dict(), "split": "-", "metric": "converged", "value": converged}
+            m.to_csv(folder.path / "metrics.csv", index=False)
+    board = lb.build(root)
+    assert row(board, "lora")["converged"] == 0.5 and row(board, "ft")["converged"] == 1.0
+    md, tex = lb.display_table(board), lb.display_table(board, "tex")
+    assert sorted(md["method"]) == ["ft", "levi (reconstruction)", "lora †"]
+    assert r"lora \dag{}" in set(tex["method"])
+    assert set(board["method"]) == {"ft", "levi", "lora"}   # the CSV keeps the method ids
+
+
+def test_tuned_variants_are_picked_on_val_and_listed_with_their_drawn_values(tmp_path):
+    root = tmp_path / "runs"
+    search = [{"key": "method.lr", "log_uniform": [1e-4, 1e-1]}]
+    for hp_seed, lr, test_acc, val in ((0, 0.01, 0.80, 0.70), (1, 0.003, 0.95, 0.60), (2, 0.05, 0.85, 0.90)):
+        for seed in range(2):
+            run_id = add_run(root, "lora", seed, test_acc, 0.4, val=val, lr=lr, extra={"hp_seed": hp_seed})
+            folder = RunFolder(root, "digits", "b", "lora", run_id)
+            cfg = yaml.safe_load((folder.path / "config.yaml").read_text())
+            cfg["method"]["search"] = search
+            new = RunFolder(root, "digits", "b", "lora", run_id_of(cfg))  # the folder its config names
+            folder.path.rename(new.path)
+            new.write_text("config.yaml", yaml.safe_dump(cfg))
+            m = pd.read_csv(new.path / "metrics.csv").assign(run_id=new.run_id)
+            m.to_csv(new.path / "metrics.csv", index=False)
+    res = lb.build_all(root)
+    r = row(res.board, "lora")
+    assert r["id_test_acc"] == pytest.approx(0.85) and r["hp/method.lr"] == pytest.approx(0.05)  # val-best, not test-best
+    out = tmp_path / "results"
+    lb.write(res.board, out, res)
+    variants = pd.read_csv(out / "leaderboard_variants.csv")
+    assert sorted(variants["hp/method.lr"]) == pytest.approx([0.003, 0.01, 0.05]) and set(variants["n_seeds"]) == {2}

@@ -101,3 +101,33 @@ def test_runner_plan_flag_prints_the_plan(tmp_path, make_cfg):
     assert str(run_folder(cfg).path) in res.stdout and "measured" in res.stdout
     runs = [p.name for p in tmp_path.glob("*/*/*/*") if not p.relative_to(tmp_path).parts[0].startswith(".")]
     assert sorted(runs) == [run_folder(cfg).run_id]  # nothing ran (hidden .wandb/.hydra folders aside)
+
+
+
+def test_bench_tuned_gives_every_method_the_defaults_and_exactly_k_draws(tmp_path):
+    from omegaconf import OmegaConf
+
+    from rftbench.sweep import sample_hparams
+
+    exp = yaml.safe_load((Path(CONFIG_DIR) / "experiment" / "bench_tuned.yaml").read_text())
+    k = exp["tune"]["draws"]
+    params = yaml.safe_load((Path(CONFIG_DIR) / "experiment" / "bench.yaml").read_text())["hydra"]["sweeper"]["params"]
+    methods, seeds = str(params["method"]).split(","), str(params["seed"]).split(",")
+    table = plan(["experiment=bench_tuned", "tune.draws=3", f"paths.runs={tmp_path}"])
+    assert len(table) == len(methods) * len(seeds) * 4 and table["run_id"].nunique() == len(table)
+    table["hp_seed"] = table["overrides"].str.extract(r"hp_seed=(\d+)")[0].astype(int)
+    per = table.groupby(["method", "seed"])["hp_seed"].apply(sorted)
+    assert all(v == [0, 1, 2, 3] for v in per) and set(table["method"]) == set(methods)
+    assert k == 8 and len(plan(["experiment=bench_tuned", f"paths.runs={tmp_path}"])) == len(methods) * len(seeds) * (k + 1)
+    # every trained method has a search space; draws change its values, and not with the trial seed
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for m in methods:
+            base = compose("config", overrides=["experiment=bench", f"method={m}"])
+            space = OmegaConf.to_container(base.method.search)
+            assert (space == []) == (m == "zeroshot"), m
+            a, b = (sample_hparams(compose("config", overrides=["experiment=bench", f"method={m}", "hp_seed=1",
+                                                                f"seed={s}"])) for s in (0, 1))
+            for spec in space:
+                assert OmegaConf.select(a, spec["key"]) == OmegaConf.select(b, spec["key"])
+                assert OmegaConf.select(a, spec["key"]) != OmegaConf.select(base, spec["key"]), (m, spec)

@@ -117,3 +117,18 @@ def test_plot_all_writes_what_there_is_data_for(tmp_path):
     (runs / "digits" / "b" / "rws" / "r2" / "done").unlink()
     paths = plots.plot_all(runs_table().iloc[:0], {}, runs, out)
     assert sorted(p.name for p in out.iterdir()) == ["ct_beta_digits_b.png", "notes.png"]
+
+
+def test_wise_curve_goes_from_the_start_to_the_fine_tuned_end(tmp_path):
+    sweep = pd.DataFrame({"alpha": [0.0, 0.5, 1.0], "val_acc": [0.5, 0.8, 0.9],
+                          "test_acc": [0.5, 0.8, 0.95], "ood_acc_mean": [0.9, 0.85, 0.6]})
+    add(tmp_path, "wise", "r1", {plots.WISE_SWEEP: sweep})
+    add(tmp_path, "wise", "r2", {plots.WISE_SWEEP: sweep.assign(test_acc=sweep["test_acc"] - 0.1)})
+    fig = plots.wise_curve_figure(plots.sweep_tables(tmp_path, plots.WISE_SWEEP), "t")
+    curve, start, end = fig.axes[0].lines
+    assert list(curve.get_xdata()) == pytest.approx([0.45, 0.75, 0.9])   # mean over the two runs
+    assert (start.get_xdata()[0], start.get_ydata()[0]) == pytest.approx((0.45, 0.9))
+    assert (end.get_xdata()[0], end.get_ydata()[0]) == pytest.approx((0.9, 0.6))
+    [path] = plots.plot_wise_curves(tmp_path, tmp_path / "out")
+    assert path.name == "wise_digits_b.png" and path.read_bytes().startswith(PNG)
+    assert plots.wise_curve_figure(sweep.drop(columns="test_acc"), "t") is None

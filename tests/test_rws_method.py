@@ -53,6 +53,8 @@ def test_rws_run_end_to_end(make_cfg, monkeypatch):
 
     # metrics: seen corruptions on the test set, labelled and kept out of the unseen corruption mean
     m = pd.read_csv(path / "metrics.csv")
+    assert (m["detail"] == "row:bn_only").any()   # the attribution model's rows, apart
+    m = m[m["detail"] != "row:bn_only"]
     acc = m[m["metric"] == "acc"]
     seen = acc[acc["split"].str.startswith("ood_seen/")]
     assert sorted(seen["split"]) == sorted(f"ood_seen/{c}/5" for c in names)
@@ -116,7 +118,7 @@ def test_rws_run_end_to_end(make_cfg, monkeypatch):
     model = build_model(cfg0, suite, ctx)
     recipe = instantiate(cfg0.method.adapt).keywords["recipe"]
     clean = cached_finetune(model, suite, ctx, **recipe).model  # method=ft's cached model
-    m0 = pd.read_csv(path0 / "metrics.csv").set_index(["split", "metric"])["value"]
+    m0 = pd.read_csv(path0 / "metrics.csv").query("detail != 'row:bn_only'").set_index(["split", "metric"])["value"]
     logits = predict(clean, suite["test"], ctx)
     assert m0["test", "acc"] == pytest.approx(metrics.accuracy(logits, suite["test"].y), rel=1e-12)
     assert m0["test", "nll"] == pytest.approx(metrics.nll(logits, suite["test"].y), rel=1e-12)
@@ -162,3 +164,56 @@ def test_patcher_bn_modes_on_known_states():
     assert torch.allclose(work.body.conv1[1].running_mean, first.mean((0, 2, 3)), atol=1e-5)
     assert not torch.allclose(work.body.conv1[1].running_mean, target["body.conv1.1.running_mean"])
     assert all(torch.equal(p, target[k]) for k, p in work.named_parameters())
+
+
+def test_blend_is_the_clean_model_at_zero_and_interpolates_the_statistics():
+    from rftbench.methods.rws_method import blend_weight
+
+    assert blend_weight({"a": 0.0, "b": 0.0}) == 0.0
+    assert blend_weight({"a": 0.04}) == pytest.approx(0.2)          # official w = sqrt(beta)
+    assert blend_weight({"a": 0.25, "b": 0.25}) == 1.0               # official alpha = 0.5 + 0.5
+    assert blend_weight({"a": 4.0}) == 1.0
+    torch.manual_seed(0)
+    model = create_backbone("resnet10t", num_classes=10, kwargs=dict(channels=(8, 16, 32, 64), stem_width=8))
+    target = {k: v.clone() for k, v in model.state_dict().items()}
+    data = {"a": Split("a", "train", "corruption", x=torch.rand(12, 3, 32, 32) + 1, y=torch.zeros(12, dtype=torch.long))}
+    keys = signature_keys(model, 2, "blend")
+    sigs = {"a": {k: torch.full_like(target[k], 0.5) for k in keys}}
+    make = functools.partial(Patcher, target, robust={}, bn_data=data, bn_keys=rws.bn_keys(model),
+                             batch_size=5, ctx=RunContext())
+    work = copy.deepcopy(model)
+    make(bn="blend").load(work, sigs, {"a": 0.0})      # coefficient 0: the clean model, bit for bit
+    assert all(torch.equal(v, target[k]) for k, v in work.state_dict().items())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(work.eval()(x), model.eval()(x))
+    full = copy.deepcopy(model)
+    make(bn="recalibrate").load(full, sigs, {"a": 0.04})
+    make(bn="blend").load(work, sigs, {"a": 0.04})     # official weight 0.2
+    k = "body.conv1.1.running_mean"
+    assert torch.allclose(work.state_dict()[k], 0.8 * target[k] + 0.2 * full.state_dict()[k], atol=1e-6)
+    assert torch.equal(work.state_dict()[keys[0]], full.state_dict()[keys[0]])
+    make(bn="blend").load(work, sigs, {"a": 1.0})       # weight 1: the full re-estimate
+    make(bn="recalibrate").load(full, sigs, {"a": 1.0})
+    assert all(torch.equal(v, full.state_dict()[key]) for key, v in work.state_dict().items())
+    # bn_only: target weights, the same BatchNorm treatment as the patch
+    make(bn="blend").load(work, sigs, {"a": 1.0}, bn_only=True)
+    assert torch.equal(work.state_dict()[keys[0]], target[keys[0]])
+    assert not torch.equal(work.state_dict()[k], target[k])
+
+
+def test_bn_only_row_is_recorded_and_becomes_its_own_leaderboard_row(make_cfg):
+    from rftbench.leaderboard import build
+
+    cfg = make_cfg("method=rws", "method.adapt.bn=blend", "budget.epochs=1", "method.adapt.coeffs=[0.0,1.0]",
+                   "method.adapt.alphas=[0.0,2.0]")
+    assert execute(cfg) == "done"
+    m = pd.read_csv(run_folder(cfg).path / "metrics.csv")
+    attribution = m[m["detail"] == "row:bn_only"]
+    assert {"val_acc", "acc", "acc_mean"} <= set(attribution["metric"])
+    assert {"test", "ood/typed", "ood", "ood/corruption", "ood_seen"} <= set(attribution["split"])
+    board = build(cfg.paths.runs)
+    assert set(board["method"]) == {"rws", "rws_bn_only"}
+    row = board.set_index("method").loc["rws_bn_only"]
+    test_acc = attribution[(attribution["split"] == "test") & (attribution["metric"] == "acc")]["value"].item()
+    assert row["id_test_acc"] == pytest.approx(test_acc) and row["n_seeds"] == 1

@@ -355,8 +355,9 @@ def test_log_uniform_draws_are_uniform_in_log_space():
 
 
 def test_bad_hp_search_is_one_clear_error(make_cfg):
-    with pytest.raises(ValueError, match="hp_search, which is empty"):
-        sweep.sample_hparams(make_cfg("hp_seed=1"))
+    with pytest.raises(ValueError, match="hp_search, which are empty"):
+        sweep.sample_hparams(make_cfg("hp_seed=1", "~method.search"))
+    assert sweep.sample_hparams(make_cfg("hp_seed=1", "method=zeroshot")).method.adapt  # search: [] -> defaults
     with pytest.raises(ValueError, match="not in the config"):
         sweep.sample_hparams(make_cfg("hp_seed=1", "hp_search=[{key:method.nope,uniform:[0,1]}]"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from rftbench.methods import ft
 from rftbench.methods.wise import interpolate
@@ -48,3 +49,64 @@ def test_lpft_runs_and_records_the_probe(make_cfg):
     assert execute(cfg) == "done"
     m = pd.read_csv(run_folder(cfg).path / "metrics.csv")
     assert {"chosen/probe_val_acc", "val_acc"} <= set(m["metric"])
+
+
+def _suite_model_ctx(cfg):
+    from pathlib import Path
+
+    from rftbench.run import build_model, build_suite
+    from rftbench.train import RunContext
+
+    ctx = RunContext(cache_dir=Path(cfg.paths.cache), seed=cfg.seed, eval_batch_size=cfg.eval.batch_size,
+                     spec={"test": "wise-endpoints", "head": cfg.suite.head_init})
+    suite = build_suite(cfg, ctx)
+    return suite, build_model(cfg, suite, ctx), ctx
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("head_init", ["auto", "random"])
+def test_alpha_zero_is_the_start_and_one_the_end_bit_for_bit(make_cfg, head_init):
+    """Zero-shot head: theta_0 with it vs its FT; new head: the LP model vs the LP-FT model."""
+    import copy
+
+    from rftbench.methods import lpft, wise
+    from rftbench.methods.lp import probe
+
+    cfg = make_cfg("method=wise", f"suite.head_init={head_init}")
+    knobs = instantiate(cfg.method.adapt).keywords   # the optimizer partials, as the runner builds them
+    recipe, probe_cfg = knobs["recipe"], knobs["probe_cfg"]
+    suite, model, ctx = _suite_model_ctx(cfg)
+    zeroshot = model.head_origin == "zeroshot"
+    assert zeroshot == (head_init == "auto")
+    if zeroshot:
+        start = copy.deepcopy(model)
+        end = ft.cached_finetune(copy.deepcopy(model), suite, ctx, **recipe).model
+    else:
+        start = probe(copy.deepcopy(model), suite, ctx, **probe_cfg)[0]
+        end = lpft.adapt(copy.deepcopy(model), suite, ctx, recipe, probe_cfg).model
+    assert not _same_state(start, end)
+    for alpha, expected in ((0.0, start), (1.0, end)):
+        got = wise.adapt(copy.deepcopy(model), suite, ctx, recipe, probe_cfg, alphas=[alpha])
+        assert got.info["start_head_probe"] == int(not zeroshot)
+        assert _same_state(got.model, expected)
+        x = suite.val.subset(torch.arange(8)).x
+        with torch.no_grad():
+            assert torch.equal(got.model.eval()(x), expected.eval()(x))
+
+
+def test_select_ood_val_uses_the_ood_val_splits_and_fails_clearly_without_them(make_cfg):
+    from rftbench.methods import wise
+
+    cfg = make_cfg("method=wise", "method.select=ood_val", "method.adapt.alphas=[0.0,1.0]")
+    assert execute(cfg) == "done"
+    sweep = pd.read_csv(run_folder(cfg).path / "wise_sweep.csv")
+    chosen = pd.read_csv(run_folder(cfg).path / "metrics.csv").query("metric == 'chosen/alpha'")["value"].item()
+    assert "ood_val_acc" in sweep and chosen == sweep.loc[sweep["ood_val_acc"].idxmax(), "alpha"]
+    assert {"test_acc", "ood/typed_acc", "ood_acc_mean", "ood/corruption_acc_mean"} <= set(sweep)
+    suite, _, _ = _suite_model_ctx(make_cfg("method=wise", "suite.build.seen_corruptions.names=[]"))
+    with pytest.raises(ValueError, match="ood_val"):
+        wise.ood_val_splits(suite)

@@ -33,11 +33,15 @@ def _severities() -> list[int]:
 
 
 def register_resolvers() -> None:
-    """Register `${rftbench.corruptions:...}` and `${rftbench.severities:}` (idempotent)."""
+    """Register `${rftbench.corruptions:...}`, `${rftbench.severities:}` and `${rftbench.plus_one:n}`
+    (n + 1: the exclusive end of a sweep's `range`, e.g. experiment=bench_tuned's hp_seed 0..K)
+    (idempotent)."""
     if not OmegaConf.has_resolver("rftbench.corruptions"):
         OmegaConf.register_new_resolver("rftbench.corruptions", _corruptions)
     if not OmegaConf.has_resolver("rftbench.severities"):
         OmegaConf.register_new_resolver("rftbench.severities", _severities)
+    if not OmegaConf.has_resolver("rftbench.plus_one"):
+        OmegaConf.register_new_resolver("rftbench.plus_one", lambda n: int(n) + 1)
 
 
 register_resolvers()

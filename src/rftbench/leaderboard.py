@@ -80,6 +80,25 @@ def run_variants(runs_root: str | Path) -> dict[str, str]:
     return out
 
 
+def variant_hparams(runs_root: str | Path) -> pd.DataFrame:
+    """variant -> the values its runs used for the keys of their search space (`method.search` and
+    `hp_search`, `rftbench.sweep.search_space`), as columns `hp/<key>` (read off config.yaml)."""
+    from omegaconf import OmegaConf
+
+    from rftbench.sweep import search_space
+
+    rows = {}
+    for folder in run_folders(runs_root):
+        if not (folder / "done").exists():
+            continue
+        raw = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        cfg = OmegaConf.create(raw)
+        keys = [spec.get("key") for spec in (search_space(cfg) or []) if spec.get("key")]
+        rows.setdefault(variant_id(raw), {}).update(
+            {f"hp/{k}": OmegaConf.select(cfg, k, default=None) for k in keys})
+    return pd.DataFrame([{"variant": v, **hp} for v, hp in rows.items()])
+
+
 def provenance(runs_root: str | Path) -> dict[str, dict[str, str]]:
     """run_id -> {"lock": hash of requirements.lock, "commit": rftbench commit (+"-dirty")}, read off
     each finished run's env.json: which environment and code produced it."""
@@ -102,9 +121,30 @@ def add_provenance(board: pd.DataFrame, runs: pd.DataFrame, prov: dict[str, dict
         values = []
         for _, r in board.iterrows():
             ids = runs[(runs[KEYS] == r[KEYS]).all(axis=1) & (runs["variant"] == r["variant"])]["run_id"]
-            values.append(";".join(sorted({prov.get(i, {}).get(col, "unknown") for i in ids})) or "unknown")
+            values.append(";".join(sorted({prov.get(str(i).split(":", 1)[0], {}).get(col, "unknown") for i in ids})) or "unknown")
         board[col] = values
     return board
+
+
+ROW_DETAIL = "row:"  # metric rows of a run with detail "row:<name>" form the leaderboard row <method>_<name>
+
+
+def split_rows(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Rows a method records for a second model of the same run (`detail` "row:<name>", e.g. RWS's
+    `bn_only` attribution) become a run of their own, method `<method>_<name>`, run id
+    `<run_id>:<name>`, same variant; the run's other rows are left as they are."""
+    variants = dict(variants or {})
+    detail = metrics["detail"].astype(object).fillna("").astype(str) if "detail" in metrics else None
+    if detail is None or not detail.str.startswith(ROW_DETAIL).any():
+        return metrics, variants
+    extra = detail.str.startswith(ROW_DETAIL)
+    name = detail[extra].str[len(ROW_DETAIL):]
+    moved = metrics[extra].assign(method=metrics.loc[extra, "method"] + "_" + name,
+                                  run_id=metrics.loc[extra, "run_id"].astype(str) + ":" + name, detail=None)
+    for old, new in zip(metrics.loc[extra, "run_id"].astype(str), moved["run_id"]):
+        if old in variants:
+            variants[new] = variants[old]
+    return pd.concat([metrics[~extra], moved], ignore_index=True), variants
 
 
 def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd.DataFrame:
@@ -128,6 +168,8 @@ def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd
         ood = g[(g["metric"] == "acc") & g["split"].str.startswith("ood/")]
         if len(ood):  # recomputed from the splits, so older runs get the same definition
             rec["ood_worst_acc"] = min(ood_groups(zip(ood["split"], ood["shift"], ood["corruption"], ood["value"])).values())
+        sel = g[(g["split"] == "-") & (g["metric"] == "converged")]
+        rec["converged"] = sel["value"].min() if len(sel) else np.nan
         for _, r in g[g["metric"].str.startswith("chosen/")].iterrows():
             rec[r["metric"]] = r["value"]
         out[run_id] = rec
@@ -233,11 +275,14 @@ class Leaderboard:
 
 def build_all(runs_root: str | Path, baselines=BASELINES, min_methods: int = ER_MIN_METHODS,
               min_seeds: int = ER_MIN_SEEDS) -> Leaderboard:
-    runs = per_run(load_metrics(runs_root), run_variants(runs_root))
+    runs = per_run(*split_rows(load_metrics(runs_root), run_variants(runs_root)))
     if runs.empty:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
     runs, fits, er_fits = add_effective_robustness(runs, baselines, min_methods, min_seeds)
     variants = aggregate(runs)
+    hp = variant_hparams(runs_root)
+    if len(hp.columns) > 1:  # the drawn values of each variant, for leaderboard_variants.csv
+        variants = variants.merge(hp, on="variant", how="left")
     board = add_provenance(flag_noise(select_variants(variants)), runs, provenance(runs_root))
     return Leaderboard(board, variants, runs, fits, er_fits)
 
@@ -260,20 +305,28 @@ def _fmt(v: float, se: float, pct: bool) -> str:
 
 
 TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+               "†": r"\dag{}"}
 
 
 def _tex(text: str) -> str:
     return "".join(TEX_ESCAPES.get(ch, ch) for ch in str(text)).replace("±", r"$\pm$")
 
 
+# method -> the name shown in the Markdown/LaTeX tables (the CSV keeps the method id)
+DISPLAY_NAMES = {"levi": "levi (reconstruction)"}
+
+
 def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     """Human-readable table (`fmt` md or tex): percentages with +- SE, costs, n_seeds; entries
-    within noise of their group's best in bold."""
+    within noise of their group's best in bold; methods under their `DISPLAY_NAMES`."""
     cols = [c for c in SHOWN if c in board.columns and board[c].notna().any()]
-    out = board[KEYS + ["n_seeds"]].astype(str) if fmt == "tex" else board[KEYS + ["n_seeds"]].copy()
+    out = board[KEYS + ["n_seeds"]].copy()
+    out["method"] = out["method"].map(lambda m: DISPLAY_NAMES.get(m, m))
+    if "converged" in board:  # a mean below 1: some trial seed's best val epoch was its last
+        out["method"] = [f"{m} †" if c < 1 else m for m, c in zip(out["method"], board["converged"])]
     if fmt == "tex":
-        out = out.map(_tex)
+        out = out.astype(str).map(_tex)
     for c in cols:
         se = board[f"{c}_se"] if f"{c}_se" in board else pd.Series(np.nan, index=board.index)
         flags = board[f"{c}_within_noise"] if f"{c}_within_noise" in board else pd.Series(False, index=board.index)
@@ -288,8 +341,9 @@ def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     return out
 
 
-NOTE = ("Mean ± standard error over n_seeds trial seeds (no ± for one seed or no spread); bold: the best of its suite and backbone, or "
-        "within the standard error of the difference from it.")
+NOTE = ("Mean ± standard error over n_seeds trial seeds (no ± for one seed or no spread); bold: the best of "
+        "its suite and backbone, or within the standard error of the difference from it. †: in some trial "
+        "seed the best validation epoch was the last one (not converged within the budget).")
 
 
 def provenance_note(board: pd.DataFrame) -> str:

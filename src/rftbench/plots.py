@@ -197,11 +197,12 @@ def plot_all(runs: pd.DataFrame, fits: dict[str, LogitFit], runs_root: str | Pat
         for (suite, backbone), g in t.groupby(["suite", "backbone"]):
             fig = curve_figure(g, x, series, title.format(f"{suite} / {backbone}"), xlabel)
             paths.append(save(fig, out / _name(prefix, suite, backbone)))
+    paths += plot_wise_curves(runs_root, out)
     remove_stale(out, paths)
     return paths
 
 
-PREFIXES = ("id_vs_ood_", "ct_beta_", "rws_coeff_")
+PREFIXES = ("id_vs_ood_", "ct_beta_", "rws_coeff_", "wise_")
 
 
 def remove_stale(out_dir: Path, written: list[Path]) -> list[Path]:
@@ -212,3 +213,39 @@ def remove_stale(out_dir: Path, written: list[Path]) -> list[Path]:
     for p in stale:
         p.unlink()
     return stale
+
+
+WISE_SWEEP = "wise_sweep.csv"
+
+
+def wise_curve_figure(t: pd.DataFrame, title: str, ood: str = "ood_acc_mean") -> Figure | None:
+    """The WiSE-FT paper's plot: ID test accuracy (x) against OOD accuracy (y, column `ood`) along
+    the mixing coefficient, mean over runs; alpha = 0 (the start, e.g. zero-shot) and alpha = 1 (the
+    fine-tuned end) are marked as end points. None when the table lacks the columns."""
+    if t.empty or "test_acc" not in t or ood not in t:
+        return None
+    s = t.groupby("alpha")[["test_acc", ood]].mean().sort_index()
+    fig = Figure(figsize=(5.6, 4.6))
+    ax = fig.add_subplot()
+    ax.plot(s["test_acc"], s[ood], "-o", color="C0", ms=3, label="WiSE-FT (alpha 0 -> 1)")
+    for alpha, label, marker, color in ((s.index[0], "start (zero-shot / LP)", "s", "C2"),
+                                        (s.index[-1], "end (FT / LP-FT)", "D", "C3")):
+        ax.plot(s.loc[alpha, "test_acc"], s.loc[alpha, ood], marker, color=color, ms=8,
+                label=f"{label}, alpha={alpha:g}")
+    ax.set_xlabel("ID test accuracy")
+    ax.set_ylabel(ood.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def plot_wise_curves(runs_root: str | Path, out_dir: str | Path) -> list[Path]:
+    """`wise_<suite>_<backbone>.png` from the runs' `wise_sweep.csv` tables."""
+    t = sweep_tables(runs_root, WISE_SWEEP)
+    paths = []
+    for (suite, backbone), g in (t.groupby(["suite", "backbone"]) if not t.empty else []):
+        fig = wise_curve_figure(g, f"WiSE-FT on {suite} / {backbone}: ID vs OOD")
+        if fig is not None:
+            paths.append(save(fig, Path(out_dir) / _name("wise", suite, backbone)))
+    return paths

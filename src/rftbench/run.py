@@ -165,8 +165,10 @@ def execute(cfg: DictConfig) -> str:
         if ctx.cuda:
             rows.append(row("-", "peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30))
         rows += adapted.rows
+        if "converged" in adapted.info:  # 0: a training's best val epoch was its last (rftbench.train.fit)
+            rows.append(row("-", "converged", adapted.info["converged"]))
         rows += [row("-", f"chosen/{k}", v) for k, v in adapted.info.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                 if k != "converged" and isinstance(v, (int, float)) and not isinstance(v, bool)]
         for name, table in tables.items():
             folder.write_table(f"{name}.csv", table)
         folder.write_json("info.json", {"info": adapted.info, "suite": suite.meta, "val_acc": adapted.val_acc,

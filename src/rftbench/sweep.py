@@ -78,18 +78,31 @@ def draw(dist: str, args: list, rng: np.random.Generator) -> Any:
     return int(rng.integers(low, high + 1))
 
 
+def search_space(cfg: DictConfig) -> list[dict] | None:
+    """The draws' space: the method's own `method.search` (configs/method/<m>.yaml) followed by the
+    run's `hp_search`; None when neither is defined."""
+    def listed(node) -> list[dict]:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else list(node or [])
+
+    own = OmegaConf.select(cfg, "method.search", default=None)
+    space = [*listed(own), *listed(cfg.get("hp_search"))]
+    return space if space or own is not None else None
+
+
 def sample_hparams(cfg: DictConfig) -> DictConfig:
-    """`cfg` with every `hp_search` key drawn for `hp_seed` (unchanged for hp_seed=0). A key's value
-    depends on hp_seed and the key only, never on the trial seed, so the seeds of one draw are
-    comparable trials of the same hyper-parameters."""
+    """`cfg` with every key of the search space (`search_space`: `method.search` + `hp_search`)
+    drawn for `hp_seed` (unchanged for hp_seed=0). A key's value depends on hp_seed and the key
+    only, never on the trial seed or the method, so the seeds of one draw are comparable trials of
+    the same hyper-parameters and methods sharing a key (the fine-tuning recipe of ft, lpft, wise,
+    rws) draw the same value. A method with an empty `search: []` has nothing to tune: its draws
+    keep its defaults."""
     hp_seed = int(cfg.get("hp_seed", 0) or 0)
     if hp_seed == 0:
         return cfg
-    space = cfg.get("hp_search")
-    space = OmegaConf.to_container(space, resolve=True) if OmegaConf.is_config(space) else list(space or [])
-    if not space:
-        raise ValueError(f"hp_seed={hp_seed} draws hyper-parameters from hp_search, which is empty; "
-                         f"set hp_search (example in configs/config.yaml) or use hp_seed=0")
+    space = search_space(cfg)
+    if space is None:
+        raise ValueError(f"hp_seed={hp_seed} draws hyper-parameters from method.search and hp_search, which "
+                         f"are empty; set hp_search (example in configs/config.yaml) or use hp_seed=0")
     cfg = copy.deepcopy(cfg)
     for spec in space:
         dists = [d for d in DISTRIBUTIONS if d in spec]

@@ -80,6 +80,12 @@ class FitResult:
     train_time_s: float = 0.0
     optimizer: torch.optim.Optimizer | None = None
 
+    @property
+    def converged(self) -> bool:
+        """False when the best val epoch is the last one: val accuracy was still rising when the
+        budget ran out (one-epoch trainings count as converged)."""
+        return not self.history or len(self.history) < 2 or self.best_epoch < self.history[-1]["epoch"]
+
 
 def set_bn_eval(model: nn.Module) -> nn.Module:
     """Put every BatchNorm in eval mode (frozen running statistics)."""

@@ -26,7 +26,7 @@ def finetune(model: Classifier, suite: Suite, ctx: RunContext, *, checkpoint_key
               batch_size=batch_size, scheduler=scheduler, label_smoothing=label_smoothing,
               exclude=list(model.head.parameters()) if exclude_head else (), checkpoint_key=checkpoint_key)
     return Adapted(model, val_acc=res.best_val_acc, trainable_params=n, train_time_s=res.train_time_s,
-                   info={"best_epoch": res.best_epoch}, tables={"history": pd.DataFrame(res.history)}), res
+                   info={"best_epoch": res.best_epoch, "converged": int(res.converged)}, tables={"history": pd.DataFrame(res.history)}), res
 
 
 def cached_finetune(model: Classifier, suite: Suite, ctx: RunContext, **recipe) -> Adapted:

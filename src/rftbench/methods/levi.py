@@ -202,7 +202,7 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, taps: Sequence[st
               scheduler=scheduler, params=params, forward=lambda m, x: m.forward_all(x),
               loss_fn=lambda outs, y: levi_loss(outs, y, mean_weight), checkpoint_key="levi")
     cost = levi.extra_inference_cost(example[:1])
-    info = {"best_epoch": res.best_epoch, "flop_ratio": cost["flop_ratio"],
+    info = {"best_epoch": res.best_epoch, "converged": int(res.converged), "flop_ratio": cost["flop_ratio"],
             "task_model_params": cost["task_model_params"], "adapter_params": cost["adapter_params"]}
     return Adapted(levi.eval(), val_acc=res.best_val_acc, trainable_params=count_params(params),
                    train_time_s=res.train_time_s, info=info, tables={"history": pd.DataFrame(res.history)})

@@ -192,7 +192,7 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, rank: int, alpha:
     n = count_params(trainable_parameters(lora))
     res = fit(lora, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
               scheduler=scheduler, params=trainable_parameters(lora), bn_eval=True, checkpoint_key="lora")
-    info = {"best_epoch": res.best_epoch, "lora_layers": len(lora_layers(lora)),
+    info = {"best_epoch": res.best_epoch, "converged": int(res.converged), "lora_layers": len(lora_layers(lora)),
             "lora_layers_effective": len(adapted_layers), "rank": rank}
     return Adapted(ctx.prepare(merge_lora(lora)).eval(), val_acc=res.best_val_acc, trainable_params=n,
                    train_time_s=res.train_time_s, info=info, tables={"history": pd.DataFrame(res.history)})
