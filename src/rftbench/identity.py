@@ -18,7 +18,9 @@ from rftbench.utils import stable_hash
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Keys that do not change the work a run does: left out of the run id (and of the variant id).
-NOT_WORK = ("paths", "device", "num_workers", "threads", "tracking", "launcher")
+# (`tune` only says how many hp_seed draws a sweep makes: experiment=bench_tuned's hp_seed=0 runs are
+# experiment=bench's runs.)
+NOT_WORK = ("paths", "device", "num_workers", "threads", "tracking", "launcher", "tune")
 # Nested keys that do not change the work either.
 NOT_WORK_NESTED = (("eval", "batch_size"),)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -292,3 +293,18 @@ def hold_out_per_class(y: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor
         rest.append(idx[k:])
     cat = lambda parts: torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long)  # noqa: E731
     return cat(rest), cat(held)
+
+
+class UInt8Images(Dataset):
+    """(N, H, W, C) uint8 images -> (C, H, W) float in [0, 1], with int labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+        self.targets = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1).float().div_(255)
+        return x, int(self.labels[i])

@@ -16,9 +16,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from rftbench.data.base import SEEN_KEYS, Split, Suite, balanced_subset, config_section, stratified_split
+from rftbench.data.base import (
+    SEEN_KEYS,
+    Split,
+    Suite,
+    UInt8Images,
+    balanced_subset,
+    config_section,
+    stratified_split,
+)
 from rftbench.data.corruptions import corrupted_splits
 from rftbench.utils import cache_root, config_target
 
@@ -78,21 +85,6 @@ def load_pickle(path: Path) -> dict:
         raise ValueError(f"{path} is not a CIFAR batch (a {type(d).__name__}, not a dict); re-extract the "
                          f"archive ({HOW_TO_GET})")
     return d
-
-
-class UInt8Images(Dataset):
-    """(N, H, W, C) uint8 images -> (C, H, W) float in [0, 1], with int labels."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
-        self.targets = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1).float().div_(255)
-        return x, int(self.labels[i])
 
 
 def read_cifar(root: str | Path, dataset: str = "cifar10") -> dict[str, tuple[np.ndarray, np.ndarray]]:

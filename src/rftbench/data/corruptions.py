@@ -153,7 +153,7 @@ def corrupted_splits(split: Split, corruptions: Sequence[str], severity: int, se
     augmentation) as the clean split: a quarter of float32's memory (~0.12 GB per copy of CIFAR's
     40,000 training images, after a transient float32 read of ~0.5 GB).
     """
-    from rftbench.data.cifar import UInt8Images  # cifar imports this module
+    from rftbench.data.base import UInt8Images
 
     source = split if split.in_memory else Split(split.name, split.role, dataset=split.dataset).materialize()
     sets = corrupted_set(source.x, corruptions, [severity], seed, cache_dir)
