@@ -66,3 +66,15 @@ def test_rftbench_data_is_the_console_command(tmp_path):
             f"sys.argv = ['rftbench', 'data', 'verify', 'suite=domainnet', 'paths.data={tmp_path}']; main()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 1 and "missing" in out.stdout
+
+
+def test_verify_stanford_cars_without_its_test_annotations(tmp_path, capsys):
+    """A partial Stanford Cars tree: train found with its count; test missing, with the by-hand source."""
+    from test_transfer import write_stanford_cars
+
+    write_stanford_cars(tmp_path / "ct_transfer", test=False)
+    rc, rows, total = checks(capsys, "suite=ct_transfer/stanford_cars", f"paths.data={tmp_path}")
+    assert rc == 1 and set(rows) == {"stanford_cars/train", "stanford_cars/test"}
+    assert rows["stanford_cars/train"].startswith("found") and " 12/? " in rows["stanford_cars/train"]
+    assert rows["stanford_cars/test"].startswith("missing") and "cannot download" in rows["stanford_cars/test"]
+    assert "rftbench.data download" not in rows["stanford_cars/test"] and total == "1 found, 1 missing, 0 incomplete"
