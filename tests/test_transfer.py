@@ -186,7 +186,8 @@ def write_cifar(root: Path, dataset: str, labels: dict[str, list[int]], monkeypa
         (base / name).write_bytes(pickle.dumps(entry))
         out[name] = data
     meta = ({"label_names": CIFAR10_NAMES, "num_cases_per_batch": 10000, "num_vis": 3072} if ten else
-            {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+            {"fine_label_names": [f"fine{i}" for i in range(100)],
+             "coarse_label_names": [f"coarse{i}" for i in range(20)]})
     (base / ("batches.meta" if ten else "meta")).write_bytes(pickle.dumps(meta))
     # the release's md5 sums cannot match tiny files: only the checksum is bypassed (a missing file still fails)
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda path, md5=None: Path(path).is_file())
@@ -288,7 +289,8 @@ def write_stanford_cars(root: Path, test: bool = True) -> None:
         annotations = np.zeros((1, len(classes)), dtype=fields)
         for i, c in enumerate(classes):
             (base / f"cars_{part}" / f"img_{i}.jpg").rename(base / f"cars_{part}" / f"{i + 1:05d}.jpg")
-            annotations[0, i] = (np.uint8(1), np.uint8(2), np.uint16(19), np.uint16(15), np.uint8(c), f"{i + 1:05d}.jpg")
+            annotations[0, i] = (np.uint8(1), np.uint8(2), np.uint16(19), np.uint16(15), np.uint8(c),
+                                 f"{i + 1:05d}.jpg")
         savemat(mat, {"annotations": annotations})
 
 
