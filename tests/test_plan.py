@@ -131,3 +131,23 @@ def test_bench_tuned_gives_every_method_the_defaults_and_exactly_k_draws(tmp_pat
             for spec in space:
                 assert OmegaConf.select(a, spec["key"]) == OmegaConf.select(b, spec["key"])
                 assert OmegaConf.select(a, spec["key"]) != OmegaConf.select(base, spec["key"]), (m, spec)
+
+
+def test_search_space_is_not_part_of_the_run_id_and_ftp_draws_stay_valid():
+    """Editing a method's search space leaves its runs' ids alone (only drawn values are work), and
+    FTP's draws of k stay in [0, 1], the range its optimizer accepts."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rftbench.identity import run_id
+    from rftbench.sweep import sample_hparams
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        base = compose("config", overrides=["experiment=bench", "method=ftp"])
+        edited = compose("config", overrides=["experiment=bench", "method=ftp",
+                                              "method.search=[{key: method.adapt.optimizer.lr, choice: [0.1]}]"])
+        assert run_id(base) == run_id(edited)
+        for hp_seed in range(1, 9):
+            k = OmegaConf.select(sample_hparams(compose("config", overrides=[
+                "experiment=bench", "method=ftp", f"hp_seed={hp_seed}"])), "method.adapt.optimizer.k")
+            assert 0.0 <= k <= 1.0

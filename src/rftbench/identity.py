@@ -22,7 +22,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # experiment=bench's runs.)
 NOT_WORK = ("paths", "device", "num_workers", "threads", "tracking", "launcher", "tune")
 # Nested keys that do not change the work either.
-NOT_WORK_NESTED = (("eval", "batch_size"),)
+# (`method.search` is where hp_seed draws come from; the drawn values themselves are in the config.)
+NOT_WORK_NESTED = (("eval", "batch_size"), ("method", "search"))
 
 
 def _work(resolved: dict, drop: tuple[str, ...] = ()) -> dict:
