@@ -187,14 +187,6 @@ SELECTS = ("robust", "corruption", "clean")
 Objective = Callable[[nn.Module], dict[str, float]]  # model -> {"objective": value, other parts...}
 
 
-def _tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split's images and labels as in-memory tensors (a streamed split is read once)."""
-    if split.in_memory:
-        return split.x, split.y
-    xs, ys = zip(*(split.dataset[i] for i in range(len(split))))
-    return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor([int(y) for y in ys])
-
-
 def attack_subset(split: Split, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed class-balanced subset (`n // classes` per class, seeded) of `split` to attack."""
     try:
@@ -202,7 +194,8 @@ def attack_subset(split: Split, n: int, seed: int) -> tuple[torch.Tensor, torch.
     except ValueError as exc:
         raise ValueError(f"method=ct_robust select=robust: cannot draw {n} class-balanced {split.name} images "
                          f"({exc}); lower method.val_attack.n") from None
-    return _tensors(split.subset(index))
+    sub = split.subset(index).materialize()  # streamed: read once, through the evaluation transform
+    return sub.x, sub.y
 
 
 def robust_objective(split: Split, attack_cfg: Mapping, ctx: RunContext) -> Objective:
