@@ -139,6 +139,24 @@ def test_ct_selection_reads_train_and_val_only(make_cfg):
     assert {m.beta for m in b.model.modules() if isinstance(m, CTU)} == {b.info["beta"]}
 
 
+def test_probe_memory_splits_the_batch_without_changing_results(make_cfg, monkeypatch):
+    """`probe_memory_gb` bounds the features held for one batched probe (ImageNet-scale train sets):
+    a budget below one beta's features probes the betas one at a time, with the same heads, epochs
+    and choice bit for bit; it is not part of the run id."""
+    cfg = make_cfg("method=ct", GRID)
+    suite, model, ctx = suite_and_model(cfg)
+    batches = []
+    monkeypatch.setattr(ct_method, "fit_probes", lambda tr, *a, **k: batches.append(len(tr)) or fit_probes(tr, *a, **k))
+    kwargs = dict(betas=[0.8, 0.9, 0.95], probe_cfg=dict(cfg.method.probe), oracle_test=False)
+    whole = ct_method.adapt(model, suite, ctx, probe_memory_gb=None, **kwargs)
+    one_by_one = ct_method.adapt(model, suite, ctx, probe_memory_gb=1e-9, **kwargs)
+    assert batches == [4, 1, 1, 1, 1]
+    assert whole.info == one_by_one.info and whole.val_acc == one_by_one.val_acc
+    pd.testing.assert_frame_equal(whole.tables["beta_sweep"], one_by_one.tables["beta_sweep"])
+    assert torch.equal(whole.model.head.weight, one_by_one.model.head.weight)
+    assert runner.run_id(make_cfg("method=ct", GRID, "method.adapt.probe_memory_gb=0.5")) == runner.run_id(cfg)
+
+
 def test_ct_trainable_trains_ct_and_head_only(make_cfg, monkeypatch):
     seen = {}
 

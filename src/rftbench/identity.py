@@ -21,17 +21,22 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # (`tune` only says how many hp_seed draws a sweep makes: experiment=bench_tuned's hp_seed=0 runs are
 # experiment=bench's runs.)
 NOT_WORK = ("paths", "device", "num_workers", "threads", "tracking", "launcher", "tune")
-# Nested keys that do not change the work either.
-# (`method.search` is where hp_seed draws come from; the drawn values themselves are in the config.)
-NOT_WORK_NESTED = (("eval", "batch_size"), ("method", "search"))
+# Nested keys (paths) that do not change the work either.
+# (`method.search` is where hp_seed draws come from; the drawn values themselves are in the config.
+# `method.adapt.probe_memory_gb` only splits CT's batched probes, which are bit-exact either way.)
+NOT_WORK_NESTED = (("eval", "batch_size"), ("method", "search"), ("method", "adapt", "probe_memory_gb"))
 
 
 def _work(resolved: dict, drop: tuple[str, ...] = ()) -> dict:
     """A resolved config (plain dict, changed in place) without the keys that do not change the work."""
     for key in (*NOT_WORK, *drop):
         resolved.pop(key, None)
-    for parent, key in NOT_WORK_NESTED:
-        (resolved.get(parent) or {}).pop(key, None)
+    for *parents, key in NOT_WORK_NESTED:
+        node = resolved
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
     return resolved
 
 

@@ -52,7 +52,15 @@ from rftbench.methods.ct import (
 )
 from rftbench.progress import bar
 from rftbench.selection import select
-from rftbench.train import RunContext, accuracy_on, count_params, extract_features, fit, fit_probes
+from rftbench.train import (
+    RunContext,
+    accuracy_on,
+    count_params,
+    extract_features,
+    fit,
+    fit_probes,
+    mean_accuracy,
+)
 
 log = logging.getLogger("rftbench")
 DECIMALS = 10  # grid values are rounded so that e.g. 0.70 + 3 * 0.01 == 0.73 exactly
@@ -104,23 +112,37 @@ def choose(val_accs: dict[float, float]) -> float:
 
 
 def probe_sweep(ct_model: Classifier, suite: Suite, ctx: RunContext, grid: Sequence[float],
-                init: nn.Linear, probe_cfg: dict) -> tuple[dict[float, float], dict[float, tuple[nn.Linear, int]]]:
+                init: nn.Linear, probe_cfg: dict, probe_memory_gb: float | None = None
+                ) -> tuple[dict[float, float], dict[float, tuple[nn.Linear, int]]]:
     """For each beta: train and val features through `ct_model` (one pass each); then the probes of
-    all betas from `init` trained at once (`rftbench.train.fit_probes`: the method=lp probe, batched
-    over betas). Reads train and val only. Returns ({beta: val_acc}, {beta: (head, best_epoch)})."""
+    the betas from `init` trained at once (`rftbench.train.fit_probes`: the method=lp probe, batched
+    over betas). The batch holds as many betas' features as fit in `probe_memory_gb` (at least one;
+    None: all): each probe is bit for bit what it would be alone, so the chunking changes memory,
+    never results. Reads train and val only. Returns ({beta: val_acc}, {beta: (head, best_epoch)})."""
     ytr, yval = suite.train.labels.to(ctx.device), suite.val.labels.to(ctx.device)
-    ftr, fval = [], []
+    budget = math.inf if probe_memory_gb is None else probe_memory_gb * 2 ** 30
+    val_accs, heads = {}, {}
+    pending: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+
+    def fit_pending() -> None:
+        with cpu_threads(1, ctx.device):
+            fitted = fit_probes(torch.stack([t for _, t, _ in pending]), ytr,
+                                torch.stack([v for _, _, v in pending]), yval, suite.num_classes, init=init,
+                                seed=ctx.seed, **probe_cfg)
+        for (beta, _, _), res in zip(pending, fitted):
+            val_accs[beta], heads[beta] = res.val_acc, (res.head, res.best_epoch)
+            log.info("beta %.4g  val_acc %.4f (probe epoch %d)", beta, res.val_acc, res.best_epoch)
+        pending.clear()
+
     for beta in bar(grid, "CT beta sweep"):
         set_beta(ct_model, beta)
-        ftr.append(extract_features(ct_model, suite.train, ctx).to(ctx.device))
-        fval.append(extract_features(ct_model, suite.val, ctx).to(ctx.device))
-    with cpu_threads(1, ctx.device):
-        fitted = fit_probes(torch.stack(ftr), ytr, torch.stack(fval), yval, suite.num_classes, init=init,
-                            seed=ctx.seed, **probe_cfg)
-    val_accs, heads = {}, {}
-    for beta, res in zip(grid, fitted):
-        val_accs[beta], heads[beta] = res.val_acc, (res.head, res.best_epoch)
-        log.info("beta %.4g  val_acc %.4f (probe epoch %d)", beta, res.val_acc, res.best_epoch)
+        ftr = extract_features(ct_model, suite.train, ctx).to(ctx.device)
+        fval = extract_features(ct_model, suite.val, ctx).to(ctx.device)
+        per_beta = (ftr.numel() + fval.numel()) * ftr.element_size()
+        if pending and (len(pending) + 1) * per_beta > budget:
+            fit_pending()
+        pending.append((beta, ftr, fval))
+    fit_pending()
     return val_accs, heads
 
 
@@ -170,12 +192,15 @@ def _sweep_result(ct_model: Classifier, ctx: RunContext, val_accs: dict[float, f
 
 
 def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, betas: Mapping | Sequence[float],
-          coeff: float = 0.5, probe_cfg: dict | None = None, oracle_test: bool = True) -> Adapted:
-    """Steering CT: beta (grid + 1.0) chosen by the val accuracy of a linear probe on CT features."""
+          coeff: float = 0.5, probe_cfg: dict | None = None, oracle_test: bool = True,
+          probe_memory_gb: float | None = 4.0) -> Adapted:
+    """Steering CT: beta (grid + 1.0) chosen by the val accuracy of a linear probe on CT features
+    (`probe_memory_gb`: the cached features of one batched probe, see `probe_sweep`)."""
     grid = beta_grid(betas)
     freeze(model).eval()
     ct_model = apply_ct(model, grid[0], coeff, example_input=example_input(suite.train, ctx))
-    val_accs, fitted = probe_sweep(ct_model, suite, ctx, grid, model.head, dict(probe_cfg or {}))
+    val_accs, fitted = probe_sweep(ct_model, suite, ctx, grid, model.head, dict(probe_cfg or {}),
+                                     probe_memory_gb)
     heads = {b: h for b, (h, _) in fitted.items()}
     best, table, analysis = _sweep_result(ct_model, ctx, val_accs, heads, oracle_test)
     info = {"beta": best, "coeff": coeff, "ct_sites": ct_model.ct_sites, "probe_epoch": fitted[best][1]}
@@ -225,7 +250,7 @@ def robust_objective(split: Split, attack_cfg: Mapping, ctx: RunContext) -> Obje
 def accuracy_objective(splits: Sequence[Split], ctx: RunContext) -> Objective:
     """Mean accuracy over `splits` (`objective`)."""
     def measure(model: nn.Module) -> dict[str, float]:
-        return {"objective": sum(accuracy_on(model, s, ctx) for s in splits) / len(splits)}
+        return {"objective": mean_accuracy(model, splits, ctx)}
 
     return measure
 
