@@ -265,6 +265,11 @@ def accuracy_on(model: nn.Module, split: Split, ctx: RunContext) -> float:
     return (logits.argmax(1) == split.labels).float().mean().item()
 
 
+def mean_accuracy(model: nn.Module, splits: Sequence[Split], ctx: RunContext) -> float:
+    """The unweighted mean of `accuracy_on` over `splits` (e.g. a suite's `ood_val` splits)."""
+    return sum(accuracy_on(model, s, ctx) for s in splits) / len(splits)
+
+
 def extract_features(model: nn.Module, split: Split, ctx: RunContext) -> torch.Tensor:
     """Pooled features `model.features(x)` of a whole split (no augmentation): cache for probes."""
     return predict(model, split, ctx, fn=lambda m, x: m.features(x))

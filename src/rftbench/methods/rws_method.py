@@ -77,7 +77,7 @@ from rftbench.methods import ft, rws
 from rftbench.methods.base import Adapted, cached_training, state_of
 from rftbench.progress import bar
 from rftbench.selection import select
-from rftbench.train import RunContext, accuracy_on, count_params, predict
+from rftbench.train import RunContext, accuracy_on, count_params, mean_accuracy, predict
 
 log = logging.getLogger("rftbench")
 BN_MODES = ("keep", "average", "recalibrate", "blend")
@@ -295,7 +295,7 @@ def adapt(model: nn.Module, suite: Suite, ctx: RunContext, *, recipe: dict, coef
             r["test_acc"], r["test_selection"] = accuracy_on(work, tests[r["corruption"]], ctx), "oracle"
         for r in compose:
             patcher.load(work, signatures, rws.compose_coeffs(names, r["alpha"]))
-            r["test_acc"] = sum(accuracy_on(work, tests[c], ctx) for c in names) / len(names)
+            r["test_acc"] = mean_accuracy(work, [tests[c] for c in names], ctx)
             r["test_selection"] = "oracle"
         rows = []
         for c in names:  # each signature alone at its chosen coefficient

@@ -29,7 +29,7 @@ from rftbench.methods.base import Adapted, state_of
 from rftbench.methods.ft import cached_finetune
 from rftbench.methods.lpft import probed_and_tuned
 from rftbench.selection import best_index
-from rftbench.train import RunContext, accuracy_on
+from rftbench.train import RunContext, accuracy_on, mean_accuracy
 
 START_HEADS = ("auto", "current", "probe")
 SELECTS = ("val", "ood_val")
@@ -89,8 +89,7 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, recipe: dict, probe_
         work.load_state_dict(interpolate(theta0, theta1, a))
         table["val_acc"].append(accuracy_on(work, suite.val, ctx))
         if sel_splits:
-            accs = [accuracy_on(work, s, ctx) for s in sel_splits]
-            table["ood_val_acc"].append(sum(accs) / len(accs))
+            table["ood_val_acc"].append(mean_accuracy(work, sel_splits, ctx))
     i = best_index(table[f"{select}_acc"])
     best = candidates[i]
     work.load_state_dict(interpolate(theta0, theta1, best))
