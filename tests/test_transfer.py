@@ -150,6 +150,16 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
         build(tmp_path, "stanford_cars")
 
 
+@pytest.mark.parametrize("name", ["caltech101", "caltech256"])
+def test_missing_caltech_leaves_no_empty_folders(tmp_path, name):
+    """torchvision's Caltech classes create their folders before looking for the files: a failed
+    open (e.g. `rftbench data verify`) removes them again."""
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{name} .*not found"):
+        build(tmp_path, name)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["other"]
+
+
 def test_ct_transfer_runs_end_to_end(make_cfg, tmp_path, single_thread):
     write_fashion_mnist(tmp_path / "data" / "ct_transfer", n_train=100, n_test=50)
     m = run_done(make_cfg, "suite=ct_transfer/fashion_mnist", f"paths.data={tmp_path / 'data'}")

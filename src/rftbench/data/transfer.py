@@ -9,6 +9,7 @@ no official test split (EuroSAT, Caltech-101/256), test is a stratified split fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -59,15 +60,26 @@ SPECS = {
 
 
 def open_split(name: str, root: str, kwargs: dict, download: bool = False) -> Dataset:
-    """The torchvision dataset of one official split; a clear error when its files are missing."""
+    """The torchvision dataset of one official split; a clear error when its files are missing (and
+    the tree left as it was: some torchvision classes, e.g. Caltech, create their folders first)."""
     spec = SPECS[name]
+    before = _dirs(root)
     try:
         return spec.cls(root, download=download, **kwargs)
     except (RuntimeError, FileNotFoundError) as exc:
+        for new in sorted(_dirs(root) - before, key=lambda p: len(p.parts), reverse=True):
+            if not any(new.iterdir()):
+                new.rmdir()
         how = (f"python -m rftbench.data download suite=ct_transfer/{name}" if spec.downloadable
                else "place the files by hand")
         raise FileNotFoundError(f"{name} ({spec.cls.__name__}{kwargs or ''}) not found under {root}: {exc} "
                                 f"Get it from {spec.source} ({how}).") from exc
+
+
+def _dirs(root: str) -> set[Path]:
+    """Every folder under `root`, itself included (empty when it does not exist)."""
+    top = Path(root)
+    return {top, *(p for p in top.rglob("*") if p.is_dir())} if top.is_dir() else set()
 
 
 def labels_of(ds: Dataset) -> list[int]:
