@@ -120,6 +120,26 @@ def test_hyper_parameter_variants_are_not_seeds_and_val_chooses(tmp_path):
     assert len(res.variants) == 2 and sorted(res.variants["n_seeds"]) == [3, 3]
 
 
+def test_tuned_tables_show_the_values_chosen_on_val(tmp_path):
+    """A tuned sweep's Markdown/LaTeX rows say how many variants there were and which values won
+    (on val); a single-variant table (make bench) has neither column."""
+    root = tmp_path / "runs"
+    search = {"search": [{"key": "method.lr", "log_uniform": [1e-4, 1e-1]}]}
+    for seed in range(2):
+        add_run(root, "ft", seed, 0.80, 0.4, val=0.90, lr=0.0031622, extra={"method": {"name": "ft", "lr": 0.0031622, **search}})
+        add_run(root, "ft", seed, 0.95, 0.3, val=0.80, lr=0.1, extra={"method": {"name": "ft", "lr": 0.1, **search}})
+        add_run(root, "lp", seed, 0.70, 0.5)
+    board = lb.build(root)
+    md = lb.display_table(board).set_index("method")
+    assert md.loc["ft", "chosen on val"] == "lr 0.0032" and md.loc["ft", "n_variants"] == 2
+    assert md.loc["lp", "chosen on val"] == "-" and md.loc["lp", "n_variants"] == 1
+    assert r"chosen on val" in lb.display_table(board, "tex").columns
+    single = tmp_path / "single"
+    add_run(single, "ft", 0, 0.80, 0.4)
+    assert "chosen on val" not in lb.display_table(lb.build(single)).columns
+    assert lb.chosen_hparams(pd.Series({"hp/a.k": 3.0, "hp/b.k": 0.5, "hp/c.rank": 8})) == "a.k 3, b.k 0.5, rank 8"
+
+
 def test_outputs_csv_markdown_latex_and_plots(runs, tmp_path):
     out = tmp_path / "results"
     lb.main(["--runs", str(runs), "--out", str(out)])

@@ -317,14 +317,35 @@ def _tex(text: str) -> str:
 DISPLAY_NAMES = {"levi": "levi (reconstruction)"}
 
 
+def chosen_hparams(row: pd.Series) -> str:
+    """The searched hyper-parameters of a row's chosen variant, e.g. "lr 0.0032, weight_decay 1e-05"
+    (named by the key's last part unless two keys share it); "-" when it has none."""
+    keys = [c for c in row.index if c.startswith("hp/") and pd.notna(row[c])]
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    parts = []
+    for key, name in zip(keys, short):
+        value = row[key]
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            shown = str(int(value)) if float(value).is_integer() else f"{value:.2g}"
+        else:
+            shown = str(value)
+        parts.append(f"{name if short.count(name) == 1 else key[3:]} {shown}")
+    return ", ".join(parts) or "-"
+
+
 def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     """Human-readable table (`fmt` md or tex): percentages with +- SE, costs, n_seeds; entries
-    within noise of their group's best in bold; methods under their `DISPLAY_NAMES`."""
+    within noise of their group's best in bold; methods under their `DISPLAY_NAMES`. When some
+    method had several variants (a tuned sweep), `n_variants` and the chosen variant's searched
+    values (`chosen on val`) follow the method."""
     cols = [c for c in SHOWN if c in board.columns and board[c].notna().any()]
     out = board[KEYS + ["n_seeds"]].copy()
     out["method"] = out["method"].map(lambda m: DISPLAY_NAMES.get(m, m))
     if "converged" in board:  # a mean below 1: some trial seed's best val epoch was its last
         out["method"] = [f"{m} †" if c < 1 else m for m, c in zip(out["method"], board["converged"])]
+    if "n_variants" in board and (board["n_variants"] > 1).any():
+        out["n_variants"] = board["n_variants"]
+        out["chosen on val"] = [chosen_hparams(r) for _, r in board.iterrows()]
     if fmt == "tex":
         out = out.astype(str).map(_tex)
     for c in cols:
