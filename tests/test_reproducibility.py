@@ -141,6 +141,20 @@ def test_reproduce_compares_metrics_not_costs(tmp_path):
     assert reproduce.compare(a, fewer) == ["row digits/b/lp: only in the committed table"]
 
 
+def test_reproduce_names_variant_rows_by_their_variant(tmp_path):
+    """The variants table has several rows per method: a changed variant is reported by its id."""
+    rows = [{"suite": "digits", "backbone": "b", "method": "ft", "variant": v, "val_acc": a}
+            for v, a in (("aaa", 0.8), ("bbb", 0.9))]
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    pd.DataFrame(rows).to_csv(a, index=False)
+    rows[1]["val_acc"] = 0.91
+    pd.DataFrame(rows).to_csv(b, index=False)
+    keys = reproduce.TABLES["leaderboard_variants.csv"]
+    assert reproduce.compare(a, b, keys) == ["digits/b/ft/bbb val_acc: committed 0.9, now 0.91"]
+    assert reproduce.EXPERIMENTS["bench_tuned"] == REPO / "results" / "tuned"
+    assert (reproduce.EXPERIMENTS["bench"] / "leaderboard.csv").exists()
+
+
 @pytest.mark.slow
 def test_make_reproduce_matches_the_committed_results():
     """The committed benchmark, rerun from an empty cache, gives the committed leaderboard (minutes)."""

@@ -1,12 +1,15 @@
-"""Rerun the committed benchmark from an empty cache and compare its leaderboard with `results/`.
+"""Rerun a committed benchmark from an empty cache and compare its leaderboard with the committed one.
 
-    python -m rftbench.reproduce          (or: make reproduce)
+    python -m rftbench.reproduce                            (or: make reproduce)   -> results/
+    python -m rftbench.reproduce --experiment bench_tuned   (or: make reproduce EXPERIMENT=bench_tuned)
+                                                                                   -> results/tuned/
 
-The benchmark (`experiment=bench`) runs into a temporary runs folder with its own empty artifact
-cache, its leaderboard is built there, and `leaderboard.csv` is compared with the committed one:
-every column must match exactly (the CSV's own formatting, 6 significant digits) except the cost
-columns (wall times, throughput, memory) and the commit that produced the table, which are reported,
-not compared. Prints each difference and exits 1 on any.
+The benchmark runs into a temporary runs folder with its own empty artifact cache, its leaderboard
+is built there, and `leaderboard.csv` (one row per method: the variant chosen on val) and
+`leaderboard_variants.csv` (every variant) are compared with the committed ones: every column must
+match exactly (the CSV's own formatting, 6 significant digits) except the cost columns (wall times,
+throughput, memory) and the commit that produced the table, which are reported, not compared.
+Prints each difference and exits 1 on any.
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[2]
 ROW_KEYS = ["suite", "backbone", "method"]
+# the committed experiments and where their tables live
+EXPERIMENTS = {"bench": REPO / "results", "bench_tuned": REPO / "results" / "tuned"}
+# the compared tables and the columns naming a row of each
+TABLES = {"leaderboard.csv": ROW_KEYS, "leaderboard_variants.csv": ROW_KEYS + ["variant"]}
 # columns that measure cost or say where a table came from, not what the methods achieved
 NOT_COMPARED = re.compile(r"(time_s|images_per_s|peak_mem_gb)(_se)?$|^commit$")
 
@@ -32,15 +39,15 @@ def compared_columns(columns) -> list[str]:
     return [c for c in columns if not NOT_COMPARED.search(c)]
 
 
-def compare(committed: Path, new: Path) -> list[str]:
-    """The differences between two leaderboard CSVs (rows by suite/backbone/method), as lines."""
+def compare(committed: Path, new: Path, keys: list[str] = ROW_KEYS) -> list[str]:
+    """The differences between two leaderboard CSVs (rows named by `keys`), as lines."""
     a = pd.read_csv(committed, dtype=str, keep_default_na=False)
     b = pd.read_csv(new, dtype=str, keep_default_na=False)
     diffs = []
     only_a, only_b = set(a.columns) - set(b.columns), set(b.columns) - set(a.columns)
     diffs += [f"column {c}: only in the committed table" for c in sorted(compared_columns(only_a))]
     diffs += [f"column {c}: only in the new table" for c in sorted(compared_columns(only_b))]
-    a, b = a.set_index(ROW_KEYS), b.set_index(ROW_KEYS)
+    a, b = a.set_index(keys), b.set_index(keys)
     diffs += [f"row {'/'.join(k)}: only in the committed table" for k in a.index.difference(b.index)]
     diffs += [f"row {'/'.join(k)}: only in the new table" for k in b.index.difference(a.index)]
     cols = [c for c in compared_columns(a.columns) if c in b.columns]
@@ -65,11 +72,15 @@ def cost_report(committed: Path, new: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default=str(REPO / "results"), help="the committed results folder")
+    ap.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="bench",
+                    help="which committed benchmark to rerun (default: bench, make bench's)")
+    ap.add_argument("--results", default=None,
+                    help="the committed results folder (default: results/ for bench, results/tuned/ for bench_tuned)")
     ap.add_argument("--workdir", default=None, help="where to run (default: a new temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (runs, cache, tables)")
     args = ap.parse_args(argv)
-    committed = Path(args.results) / "leaderboard.csv"
+    results = Path(args.results) if args.results else EXPERIMENTS[args.experiment]
+    committed = results / "leaderboard.csv"
     if not committed.exists():
         raise SystemExit(f"no committed leaderboard at {committed}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rftbench-reproduce-"))
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"reproducing {committed} in {work} (empty cache {work / 'cache'})", flush=True)
     t0 = time.perf_counter()
     try:
-        run = [sys.executable, "-m", "rftbench.run", "-m", "experiment=bench", f"paths.runs={work / 'runs'}",
+        run = [sys.executable, "-m", "rftbench.run", "-m", f"experiment={args.experiment}", f"paths.runs={work / 'runs'}",
                "tracking.enabled=false"]
         if subprocess.run(run, env=env, cwd=REPO).returncode != 0:
             raise SystemExit(f"the benchmark failed; see the run folders under {work / 'runs'}")
@@ -86,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         if subprocess.run(lb, env=env, cwd=REPO, stdout=subprocess.DEVNULL).returncode != 0:
             raise SystemExit("building the leaderboard failed")
         new = work / "results" / "leaderboard.csv"
-        diffs = compare(committed, new)
+        diffs = [d for table, keys in TABLES.items() if (results / table).exists()
+                 for d in (f"{table}: {line}" for line in compare(results / table, work / "results" / table, keys))]
         print(f"benchmark rerun in {time.perf_counter() - t0:.0f} s; cost columns (not compared):")
         print("\n".join(cost_report(committed, new)))
         if diffs:
