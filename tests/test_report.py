@@ -54,6 +54,7 @@ def test_index_is_static_sectioned_and_links_to_runs(built):
     assert f"../runs/digits/b1/ct/{ct0}/config.yaml" in links
     # the image of each section is its own backbone's or the suite's
     assert 'src="id_vs_ood_digits.png"' in page
+    assert "The runs column links into ../runs/, the runs folder this page was built from" in page
 
 
 def _chromium() -> tuple[str, str] | None:

@@ -101,9 +101,12 @@ def write_index(board: pd.DataFrame, runs: pd.DataFrame, display: pd.DataFrame, 
         parts.append(f'<h2 id="{html.escape(safe[0])}-{html.escape(safe[1])}">{html.escape(str(suite))} / '
                      f'{html.escape(str(backbone))}</h2>'
                      + section(g, runs, display.loc[g.index], runs_root, out_dir, mine))
+    where = Path(os.path.relpath(runs_root, out_dir)).as_posix()
+    runs_note = (f" The runs column links into {where}/, the runs folder this page was built from: the "
+                 "links work where that folder exists (beside the runs, not in a bare clone).")
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>rftbench leaderboard</title>"
             f"<style>{STYLE}</style></head><body><h1>rftbench leaderboard</h1>"
-            f'<p class="note">{html.escape(note)} Click a column header to sort. Tables as CSV: '
+            f'<p class="note">{html.escape(note + runs_note)} Click a column header to sort. Tables as CSV: '
             '<a href="leaderboard.csv">leaderboard.csv</a>, <a href="leaderboard_variants.csv">variants</a>, '
             '<a href="effective_robustness.csv">effective robustness fits</a>.</p>'
             + "".join(parts) + f"<script>{SCRIPT}</script></body></html>\n")
