@@ -138,6 +138,30 @@ def test_tuned_tables_show_the_values_chosen_on_val(tmp_path):
     add_run(single, "ft", 0, 0.80, 0.4)
     assert "chosen on val" not in lb.display_table(lb.build(single)).columns
     assert lb.chosen_hparams(pd.Series({"hp/a.k": 3.0, "hp/b.k": 0.5, "hp/c.rank": 8})) == "a.k 3, b.k 0.5, rank 8"
+    lpft = pd.Series({"hp/method.probe.lr": 0.0026, "hp/method.finetune.optimizer.lr": 0.027,
+                      "hp/method.finetune.optimizer.weight_decay": 0.00019})
+    assert lb.chosen_hparams(lpft) == "probe.lr 0.0026, optimizer.lr 0.027, weight_decay 0.00019"
+
+
+def test_a_derived_row_takes_its_parents_variant(tmp_path):
+    """RWS's `bn_only` row is the ablation of the very runs the `rws` row reports: it takes the
+    variant `rws` chose on val, even where another variant's bn_only val accuracy is higher."""
+    root = tmp_path / "runs"
+    for seed in range(2):
+        for lr, val, bn_val in ((0.01, 0.90, 0.70), (0.1, 0.80, 0.95)):
+            run = add_run(root, "rws", seed, 0.9, 0.5, val=val, lr=lr)
+            folder = RunFolder(root, "digits", "b", "rws", run)
+            m = pd.read_csv(folder.path / "metrics.csv")
+            extra = pd.DataFrame([{**m.iloc[0].to_dict(), "split": "-", "metric": "val_acc", "value": bn_val,
+                                   "detail": "row:bn_only"},
+                                  {**m.iloc[0].to_dict(), "split": "test", "metric": "acc", "value": lr,
+                                   "detail": "row:bn_only"}])
+            pd.concat([m, extra]).to_csv(folder.path / "metrics.csv", index=False)
+    board = lb.build(root).set_index("method")
+    assert board.loc["rws", "val_acc"] == pytest.approx(0.90)
+    assert board.loc["rws_bn_only", "variant"] == board.loc["rws", "variant"]
+    assert board.loc["rws_bn_only", "id_test_acc"] == pytest.approx(0.01)  # the lr 0.01 runs' bn_only rows
+    assert board.loc["rws_bn_only", "val_acc"] == pytest.approx(0.70)
 
 
 def test_outputs_csv_markdown_latex_and_plots(runs, tmp_path):

@@ -129,14 +129,16 @@ def add_provenance(board: pd.DataFrame, runs: pd.DataFrame, prov: dict[str, dict
 ROW_DETAIL = "row:"  # metric rows of a run with detail "row:<name>" form the leaderboard row <method>_<name>
 
 
-def split_rows(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+def split_rows(metrics: pd.DataFrame, variants: dict[str, str] | None = None
+               ) -> tuple[pd.DataFrame, dict[str, str], dict[str, str]]:
     """Rows a method records for a second model of the same run (`detail` "row:<name>", e.g. RWS's
     `bn_only` attribution) become a run of their own, method `<method>_<name>`, run id
-    `<run_id>:<name>`, same variant; the run's other rows are left as they are."""
+    `<run_id>:<name>`, same variant; the run's other rows are left as they are. Returns (metrics,
+    run id -> variant, derived method -> the method whose runs it came from)."""
     variants = dict(variants or {})
     detail = metrics["detail"].astype(object).fillna("").astype(str) if "detail" in metrics else None
     if detail is None or not detail.str.startswith(ROW_DETAIL).any():
-        return metrics, variants
+        return metrics, variants, {}
     extra = detail.str.startswith(ROW_DETAIL)
     name = detail[extra].str[len(ROW_DETAIL):]
     moved = metrics[extra].assign(method=metrics.loc[extra, "method"] + "_" + name,
@@ -144,7 +146,8 @@ def split_rows(metrics: pd.DataFrame, variants: dict[str, str] | None = None) ->
     for old, new in zip(metrics.loc[extra, "run_id"].astype(str), moved["run_id"]):
         if old in variants:
             variants[new] = variants[old]
-    return pd.concat([metrics[~extra], moved], ignore_index=True), variants
+    parents = dict(zip(moved["method"], metrics.loc[extra, "method"]))
+    return pd.concat([metrics[~extra], moved], ignore_index=True), variants, parents
 
 
 def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd.DataFrame:
@@ -228,17 +231,25 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def select_variants(variants: pd.DataFrame) -> pd.DataFrame:
+def select_variants(variants: pd.DataFrame, parents: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per (suite, backbone, method): the variant with the best mean validation accuracy
     (`rftbench.selection`; candidates ordered by more seeds, then the variant id, so ties and missing
-    values go to the first); `n_variants` says how many there were."""
+    values go to the first); `n_variants` says how many there were. A derived method (`parents`,
+    from `split_rows`: e.g. `rws_bn_only` of `rws`) takes the variant its parent chose, so its row
+    is the ablation of the very runs the parent's row reports."""
     if variants.empty:
         return variants.assign(n_variants=pd.Series(dtype=int))
     val = variants[SELECT_BY] if SELECT_BY in variants else pd.Series(np.nan, index=variants.index)
     order = variants.assign(_val=val).sort_values(KEYS + ["n_seeds", "variant"],
                                                   ascending=[True] * len(KEYS) + [False, True])
-    chosen = [select(list(g.index), list(g["_val"])) for _, g in order.groupby(KEYS, sort=True)]
-    best = order.loc[chosen].drop(columns="_val")
+    chosen = {key: select(list(g.index), list(g["_val"])) for key, g in order.groupby(KEYS, sort=True)}
+    for (suite, backbone, method), i in list(chosen.items()):
+        parent = chosen.get((suite, backbone, (parents or {}).get(method)))
+        if parent is not None:
+            same = order.index[(order["suite"] == suite) & (order["backbone"] == backbone)
+                               & (order["method"] == method) & (order["variant"] == order.at[parent, "variant"])]
+            chosen[(suite, backbone, method)] = same[0] if len(same) else i
+    best = order.loc[list(chosen.values())].drop(columns="_val")
     counts = variants.groupby(KEYS).size().rename("n_variants").reset_index()
     return best.merge(counts, on=KEYS).reset_index(drop=True)
 
@@ -275,7 +286,8 @@ class Leaderboard:
 
 def build_all(runs_root: str | Path, baselines=BASELINES, min_methods: int = ER_MIN_METHODS,
               min_seeds: int = ER_MIN_SEEDS) -> Leaderboard:
-    runs = per_run(*split_rows(load_metrics(runs_root), run_variants(runs_root)))
+    metrics, run_variant, parents = split_rows(load_metrics(runs_root), run_variants(runs_root))
+    runs = per_run(metrics, run_variant)
     if runs.empty:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
     runs, fits, er_fits = add_effective_robustness(runs, baselines, min_methods, min_seeds)
@@ -283,7 +295,7 @@ def build_all(runs_root: str | Path, baselines=BASELINES, min_methods: int = ER_
     hp = variant_hparams(runs_root)
     if len(hp.columns) > 1:  # the drawn values of each variant, for leaderboard_variants.csv
         variants = variants.merge(hp, on="variant", how="left")
-    board = add_provenance(flag_noise(select_variants(variants)), runs, provenance(runs_root))
+    board = add_provenance(flag_noise(select_variants(variants, parents)), runs, provenance(runs_root))
     return Leaderboard(board, variants, runs, fits, er_fits)
 
 
@@ -319,17 +331,21 @@ DISPLAY_NAMES = {"levi": "levi (reconstruction)"}
 
 def chosen_hparams(row: pd.Series) -> str:
     """The searched hyper-parameters of a row's chosen variant, e.g. "lr 0.0032, weight_decay 1e-05"
-    (named by the key's last part unless two keys share it); "-" when it has none."""
+    (each key named by its shortest dotted suffix that no other key of the row ends with, e.g.
+    "probe.lr" beside "optimizer.lr"); "-" when it has none."""
     keys = [c for c in row.index if c.startswith("hp/") and pd.notna(row[c])]
-    short = [k.rsplit(".", 1)[-1] for k in keys]
+    paths = [k[3:] for k in keys]
     parts = []
-    for key, name in zip(keys, short):
+    for key, path in zip(keys, paths):
+        pieces = path.split(".")
+        name = next(s for s in (".".join(pieces[-n:]) for n in range(1, len(pieces) + 1))
+                    if sum(o == s or o.endswith("." + s) for o in paths) == 1 or s == path)
         value = row[key]
         if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
             shown = str(int(value)) if float(value).is_integer() else f"{value:.2g}"
         else:
             shown = str(value)
-        parts.append(f"{name if short.count(name) == 1 else key[3:]} {shown}")
+        parts.append(f"{name} {shown}")
     return ", ".join(parts) or "-"
 
 
