@@ -119,6 +119,29 @@ def test_plot_all_writes_what_there_is_data_for(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ct_beta_digits_b.png", "notes.png"]
 
 
+def test_tuned_plots_show_the_chosen_variants(tmp_path, monkeypatch):
+    """With a board (a tuned sweep), the ID-vs-OOD plot colours the runs of the variants the table
+    reports and draws the other variants as grey dots; the sweep curves use the chosen runs only."""
+    runs = runs_table().assign(variant=["v1", "v2", "v9", "v1"])
+    board = pd.DataFrame({"suite": ["digits"] * 3, "backbone": ["b", "b", "c"], "method": ["ft", "lp", "ft"],
+                          "variant": ["v1", "v9", "v1"]})
+    mask = plots.chosen_mask(runs, board)
+    assert mask.tolist() == [True, False, True, True]
+    ax = plots.id_vs_ood_figure(runs[mask], "digits", None, runs[~mask]).axes[0]
+    grey, *coloured = ax.collections
+    assert np.allclose(grey.get_offsets(), [[0.92, 0.35]]) and "not chosen" in grey.get_label()
+    assert sum(len(c.get_offsets()) for c in coloured) == 3
+    root = tmp_path / "runs"
+    for run_id, level in (("w", 0.6), ("x", 0.9)):  # ft's chosen (w) and not chosen (x) runs
+        add(root, "ct", run_id, {plots.CT_SWEEP: pd.DataFrame({"beta": [0.5, 0.9], "val_acc": [level, level],
+                                                               "test_acc": [level, level]})})
+    seen = []
+    monkeypatch.setattr(plots, "curve_figure", lambda t, *a: seen.append(sorted(t["run_id"].unique())) or
+                        plots.Figure())
+    plots.plot_all(runs.assign(method="ct"), {}, root, tmp_path / "out", board.assign(method="ct"))
+    assert seen == [["w"]]
+
+
 def test_wise_curve_goes_from_the_start_to_the_fine_tuned_end(tmp_path):
     sweep = pd.DataFrame({"alpha": [0.0, 0.5, 1.0], "val_acc": [0.5, 0.8, 0.9],
                           "test_acc": [0.5, 0.8, 0.95], "ood_acc_mean": [0.9, 0.85, 0.6]})

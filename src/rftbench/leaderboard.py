@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     if lb.board.empty:
         raise SystemExit(f"no finished runs under {args.runs}/; run `make bench` or python -m rftbench.run first")
     paths = write(lb.board, args.out, lb)
-    figures = [] if args.no_plots else plots.plot_all(lb.runs, lb.fits, args.runs, args.out)
+    figures = [] if args.no_plots else plots.plot_all(lb.runs, lb.fits, args.runs, args.out, lb.board)
     paths += figures
     paths.append(report.write_index(lb.board, lb.runs, display_table(lb.board), args.runs, args.out, figures, NOTE))
     print((Path(args.out) / "leaderboard.md").read_text())

@@ -64,16 +64,33 @@ def _overlap_offsets(points: np.ndarray, tol: float) -> np.ndarray:
     return k
 
 
-def id_vs_ood_figure(runs: pd.DataFrame, suite: str, fit: LogitFit | None) -> Figure | None:
+def chosen_mask(runs: pd.DataFrame, board: pd.DataFrame | None) -> pd.Series:
+    """True for the runs of the variant each leaderboard row reports (all runs without a board)."""
+    if board is None or "variant" not in runs or "variant" not in board:
+        return pd.Series(True, index=runs.index)
+    keys = set(zip(board["suite"], board["backbone"], board["method"], board["variant"]))
+    return pd.Series([k in keys for k in zip(runs["suite"], runs["backbone"], runs["method"], runs["variant"])],
+                     index=runs.index, dtype=bool)
+
+
+def id_vs_ood_figure(runs: pd.DataFrame, suite: str, fit: LogitFit | None,
+                     others: pd.DataFrame | None = None) -> Figure | None:
     """One suite's runs as points (ID test accuracy, OOD mean accuracy) on logit axes, one colour and
     marker per method (`rftbench.style`), filled for the first backbone and hollow for the next, with
     the baseline fit (whose vertical offset is the effective robustness) and y = x. Points that
-    coincide are drawn with a small offset (their data positions are unchanged) and outlined."""
+    coincide are drawn with a small offset (their data positions are unchanged) and outlined.
+    `others` (a tuned sweep's variants that were not chosen) are small grey dots behind."""
     g = runs[(runs["suite"] == suite)].dropna(subset=["id_test_acc", "ood_mean_acc"])
     if g.empty:
         return None
     fig = Figure(figsize=(7.2, 5.6))
     ax = fig.add_subplot()
+    o = (others[others["suite"] == suite].dropna(subset=["id_test_acc", "ood_mean_acc"])
+         if others is not None else pd.DataFrame())
+    if len(o):
+        oxy = np.c_[o["id_test_acc"], o["ood_mean_acc"]].clip(CLIP, 1 - CLIP)
+        ax.scatter(oxy[:, 0], oxy[:, 1], s=9, marker=".", color="0.72", zorder=1,
+                   label=f"variants not chosen on val ({len(o)} runs)")
     backbones = sorted(g["backbone"].unique())
     groups = list(g.groupby(["method", "backbone"], sort=True))
     xy = np.concatenate([np.c_[m["id_test_acc"], m["ood_mean_acc"]] for _, m in groups]).clip(CLIP, 1 - CLIP)
@@ -90,8 +107,9 @@ def id_vs_ood_figure(runs: pd.DataFrame, suite: str, fit: LogitFit | None) -> Fi
                        facecolors="none" if hollow else st.color, edgecolors=EDGE if not hollow else st.color,
                        linewidths=0.7 if not hollow else 1.4, alpha=0.9, zorder=3, transform=ax.transData + shift,
                        label=(method if len(backbones) == 1 else f"{method} / {b}") if level == k.min() else None)
-    lo = float(np.clip(min(g["id_test_acc"].min(), g["ood_mean_acc"].min()), CLIP, 1 - CLIP))
-    hi = float(np.clip(max(g["id_test_acc"].max(), g["ood_mean_acc"].max()), CLIP, 1 - CLIP))
+    both = pd.concat([g, o]) if len(o) else g
+    lo = float(np.clip(min(both["id_test_acc"].min(), both["ood_mean_acc"].min()), CLIP, 1 - CLIP))
+    hi = float(np.clip(max(both["id_test_acc"].max(), both["ood_mean_acc"].max()), CLIP, 1 - CLIP))
     x = np.linspace(lo, hi, 100)
     ax.plot(x, x, "k:", lw=1, label="y = x")
     if fit is not None:
@@ -103,8 +121,10 @@ def id_vs_ood_figure(runs: pd.DataFrame, suite: str, fit: LogitFit | None) -> Fi
     ax.set_title(f"{suite}: ID vs OOD accuracy")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    fig.text(0.01, -0.02, "Each point is one run (one method, one trial seed); effective robustness is the height "
-             "above the baseline fit. Coinciding points are drawn slightly offset.", fontsize=7, ha="left", va="top")
+    what = ("one run of the variant the table reports (one method, one trial seed)" if len(o)
+            else "one run (one method, one trial seed)")
+    fig.text(0.01, -0.02, f"Each coloured point is {what}; effective robustness is the height above the "
+             "baseline fit. Coinciding points are drawn slightly offset.", fontsize=7, ha="left", va="top")
     return fig
 
 
@@ -179,25 +199,32 @@ def curve_figure(t: pd.DataFrame, x: str, series: str, title: str, xlabel: str) 
     return fig
 
 
-def plot_all(runs: pd.DataFrame, fits: dict[str, LogitFit], runs_root: str | Path, out_dir: str | Path) -> list[Path]:
-    """Every plot the run folders have data for, into `out_dir`; returns the files written."""
+def plot_all(runs: pd.DataFrame, fits: dict[str, LogitFit], runs_root: str | Path, out_dir: str | Path,
+             board: pd.DataFrame | None = None) -> list[Path]:
+    """Every plot the run folders have data for, into `out_dir`; returns the files written. With the
+    leaderboard's `board`, the plots show the runs of the variants its rows report (a tuned sweep's
+    other variants: grey dots in the ID-vs-OOD plot, left out of the sweep curves)."""
     out = Path(out_dir)
     paths = []
+    chosen = chosen_mask(runs, board) if len(runs) else pd.Series(dtype=bool)
     for suite in sorted(runs["suite"].unique()) if len(runs) else []:
-        fig = id_vs_ood_figure(runs, suite, fits.get(suite))
+        fig = id_vs_ood_figure(runs[chosen], suite, fits.get(suite), runs[~chosen])
         if fig is not None:
             paths.append(save(fig, out / _name("id_vs_ood", suite)))
     sweeps = [(CT_SWEEP, "ct_beta", "beta", "method", "CT on {}: accuracy vs beta", "beta"),
               (RWS_SWEEP, "rws_coeff", "coeff", "corruption", "RWS on {}: accuracy vs patch coefficient",
                "patch coefficient")]
+    keep = None if board is None else set(runs.loc[chosen, "run_id"].astype(str)) if len(runs) else set()
     for table, prefix, x, series, title, xlabel in sweeps:
         t = sweep_tables(runs_root, table)
+        if keep is not None and not t.empty:
+            t = t[t["run_id"].astype(str).isin(keep)]
         if t.empty:
             continue
         for (suite, backbone), g in t.groupby(["suite", "backbone"]):
             fig = curve_figure(g, x, series, title.format(f"{suite} / {backbone}"), xlabel)
             paths.append(save(fig, out / _name(prefix, suite, backbone)))
-    paths += plot_wise_curves(runs_root, out)
+    paths += plot_wise_curves(runs_root, out, keep)
     remove_stale(out, paths)
     return paths
 
@@ -240,9 +267,12 @@ def wise_curve_figure(t: pd.DataFrame, title: str, ood: str = "ood_acc_mean") ->
     return fig
 
 
-def plot_wise_curves(runs_root: str | Path, out_dir: str | Path) -> list[Path]:
-    """`wise_<suite>_<backbone>.png` from the runs' `wise_sweep.csv` tables."""
+def plot_wise_curves(runs_root: str | Path, out_dir: str | Path, keep: set[str] | None = None) -> list[Path]:
+    """`wise_<suite>_<backbone>.png` from the runs' `wise_sweep.csv` tables (of the runs in `keep`
+    when given)."""
     t = sweep_tables(runs_root, WISE_SWEEP)
+    if keep is not None and not t.empty:
+        t = t[t["run_id"].astype(str).isin(keep)]
     paths = []
     for (suite, backbone), g in (t.groupby(["suite", "backbone"]) if not t.empty else []):
         fig = wise_curve_figure(g, f"WiSE-FT on {suite} / {backbone}: ID vs OOD")
