@@ -38,3 +38,17 @@ def test_section_references_exist():
         for doc, n in re.findall(r"docs/([\w.-]+\.md) section (\d+)", text):
             headings = (ROOT / "docs" / doc).read_text()
             assert re.search(rf"^## {n}\. ", headings, re.M), f"{f.relative_to(ROOT)}: {doc} has no section {n}"
+
+
+def test_readme_shows_the_committed_tables():
+    """README.md's two leaderboards are the committed results/ files, verbatim
+    (scripts/readme_tables.py rewrites them)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "scripts" / "readme_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (ROOT / "README.md").read_text()
+    assert mod.synced(readme) == readme, "README.md's tables are out of date: python scripts/readme_tables.py"
+    for path in mod.TABLES:
+        assert (ROOT / path).read_text() in readme
