@@ -1,16 +1,13 @@
 """Copy the committed leaderboards into README.md (between their `<!-- begin PATH -->` and
 `<!-- end PATH -->` markers), so the README shows exactly what `results/` holds.
 
-    python scripts/readme_tables.py           # rewrite README.md
-    python scripts/readme_tables.py --check   # exit 1 when README.md is out of date
+    python scripts/readme_tables.py
 
-tests/test_docs.py checks the same thing.
+tests/test_docs.py fails when README.md is out of date.
 """
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,17 +30,8 @@ def synced(readme: str, repo: Path = REPO) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="only check; exit 1 when out of date")
-    args = ap.parse_args()
     readme = REPO / "README.md"
-    text = readme.read_text()
-    new = synced(text)
-    if args.check:
-        if new != text:
-            sys.exit("README.md's tables differ from results/: run python scripts/readme_tables.py")
-        return
-    readme.write_text(new)
+    readme.write_text(synced(readme.read_text()))
 
 
 if __name__ == "__main__":

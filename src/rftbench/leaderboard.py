@@ -243,12 +243,11 @@ def select_variants(variants: pd.DataFrame, parents: dict[str, str] | None = Non
     order = variants.assign(_val=val).sort_values(KEYS + ["n_seeds", "variant"],
                                                   ascending=[True] * len(KEYS) + [False, True])
     chosen = {key: select(list(g.index), list(g["_val"])) for key, g in order.groupby(KEYS, sort=True)}
-    for (suite, backbone, method), i in list(chosen.items()):
+    row_of = {tuple(k): i for i, k in zip(order.index, order[KEYS + ["variant"]].itertuples(index=False))}
+    for (suite, backbone, method), i in chosen.items():
         parent = chosen.get((suite, backbone, (parents or {}).get(method)))
-        if parent is not None:
-            same = order.index[(order["suite"] == suite) & (order["backbone"] == backbone)
-                               & (order["method"] == method) & (order["variant"] == order.at[parent, "variant"])]
-            chosen[(suite, backbone, method)] = same[0] if len(same) else i
+        if parent is not None:  # the parent's variant, when the derived method has it
+            chosen[(suite, backbone, method)] = row_of.get((suite, backbone, method, order.at[parent, "variant"]), i)
     best = order.loc[list(chosen.values())].drop(columns="_val")
     counts = variants.groupby(KEYS).size().rename("n_variants").reset_index()
     return best.merge(counts, on=KEYS).reset_index(drop=True)

@@ -128,12 +128,14 @@ def id_vs_ood_figure(runs: pd.DataFrame, suite: str, fit: LogitFit | None,
     return fig
 
 
-def sweep_tables(runs_root: str | Path, name: str) -> pd.DataFrame:
-    """The `name` tables of every finished run under `runs_root`, with suite, backbone, method and
-    run_id columns (from the folder layout)."""
+def sweep_tables(runs_root: str | Path, name: str, keep: set[str] | None = None) -> pd.DataFrame:
+    """The `name` tables of every finished run under `runs_root` (only the run ids in `keep` when
+    given), with suite, backbone, method and run_id columns (from the folder layout)."""
     root = Path(runs_root)
     frames = []
     for folder in run_folders(root):
+        if keep is not None and folder.name not in keep:
+            continue
         if (folder / "done").exists() and (folder / name).exists():
             suite, backbone, method, run_id = folder.relative_to(root).parts
             t = pd.read_csv(folder / name)
@@ -206,19 +208,19 @@ def plot_all(runs: pd.DataFrame, fits: dict[str, LogitFit], runs_root: str | Pat
     other variants: grey dots in the ID-vs-OOD plot, left out of the sweep curves)."""
     out = Path(out_dir)
     paths = []
-    chosen = chosen_mask(runs, board) if len(runs) else pd.Series(dtype=bool)
-    for suite in sorted(runs["suite"].unique()) if len(runs) else []:
-        fig = id_vs_ood_figure(runs[chosen], suite, fits.get(suite), runs[~chosen])
-        if fig is not None:
-            paths.append(save(fig, out / _name("id_vs_ood", suite)))
+    keep = None  # every run's sweep tables, unless a board names the chosen runs
+    if len(runs):
+        chosen = chosen_mask(runs, board)
+        keep = None if board is None else set(runs.loc[chosen, "run_id"].astype(str))
+        for suite in sorted(runs["suite"].unique()):
+            fig = id_vs_ood_figure(runs[chosen], suite, fits.get(suite), runs[~chosen])
+            if fig is not None:
+                paths.append(save(fig, out / _name("id_vs_ood", suite)))
     sweeps = [(CT_SWEEP, "ct_beta", "beta", "method", "CT on {}: accuracy vs beta", "beta"),
               (RWS_SWEEP, "rws_coeff", "coeff", "corruption", "RWS on {}: accuracy vs patch coefficient",
                "patch coefficient")]
-    keep = None if board is None else set(runs.loc[chosen, "run_id"].astype(str)) if len(runs) else set()
     for table, prefix, x, series, title, xlabel in sweeps:
-        t = sweep_tables(runs_root, table)
-        if keep is not None and not t.empty:
-            t = t[t["run_id"].astype(str).isin(keep)]
+        t = sweep_tables(runs_root, table, keep)
         if t.empty:
             continue
         for (suite, backbone), g in t.groupby(["suite", "backbone"]):
@@ -270,9 +272,7 @@ def wise_curve_figure(t: pd.DataFrame, title: str, ood: str = "ood_acc_mean") ->
 def plot_wise_curves(runs_root: str | Path, out_dir: str | Path, keep: set[str] | None = None) -> list[Path]:
     """`wise_<suite>_<backbone>.png` from the runs' `wise_sweep.csv` tables (of the runs in `keep`
     when given)."""
-    t = sweep_tables(runs_root, WISE_SWEEP)
-    if keep is not None and not t.empty:
-        t = t[t["run_id"].astype(str).isin(keep)]
+    t = sweep_tables(runs_root, WISE_SWEEP, keep)
     paths = []
     for (suite, backbone), g in (t.groupby(["suite", "backbone"]) if not t.empty else []):
         fig = wise_curve_figure(g, f"WiSE-FT on {suite} / {backbone}: ID vs OOD")

@@ -63,23 +63,32 @@ def open_split(name: str, root: str, kwargs: dict, download: bool = False) -> Da
     """The torchvision dataset of one official split; a clear error when its files are missing (and
     the tree left as it was: some torchvision classes, e.g. Caltech, create their folders first)."""
     spec = SPECS[name]
-    before = _dirs(root)
+    before = _entries(root)
     try:
         return spec.cls(root, download=download, **kwargs)
     except (RuntimeError, FileNotFoundError) as exc:
-        for new in sorted(_dirs(root) - before, key=lambda p: len(p.parts), reverse=True):
-            if not any(new.iterdir()):
-                new.rmdir()
+        for new in _entries(root) - before:
+            _remove_empty_tree(new)
         how = (f"python -m rftbench.data download suite=ct_transfer/{name}" if spec.downloadable
                else "place the files by hand")
         raise FileNotFoundError(f"{name} ({spec.cls.__name__}{kwargs or ''}) not found under {root}: {exc} "
                                 f"Get it from {spec.source} ({how}).") from exc
 
 
-def _dirs(root: str) -> set[Path]:
-    """Every folder under `root`, itself included (empty when it does not exist)."""
+def _entries(root: str) -> set[Path]:
+    """`root` and what is directly in it (one listing: the data root may hold every dataset)."""
     top = Path(root)
-    return {top, *(p for p in top.rglob("*") if p.is_dir())} if top.is_dir() else set()
+    return {top, *top.iterdir()} if top.is_dir() else set()
+
+
+def _remove_empty_tree(path: Path) -> None:
+    """Remove `path` if it is a folder holding only (nested) empty folders."""
+    if not path.is_dir():
+        return
+    for sub in path.iterdir():
+        _remove_empty_tree(sub)
+    if not any(path.iterdir()):
+        path.rmdir()
 
 
 def labels_of(ds: Dataset) -> list[int]:
