@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rftbench import sweep, tracking
+from rftbench import deviation, sweep, tracking
 from rftbench.backbones import Classifier, create_backbone, require_weights
 from rftbench.data.base import Suite
 from rftbench.evaluate import evaluate, row
@@ -142,6 +142,7 @@ def execute(cfg: DictConfig) -> str:
         suite = build_suite(cfg, ctx)
         model = build_model(cfg, suite, ctx)
         n_params, head_origin = count_params(model), model.head_origin
+        start_weights = deviation.snapshot(model)
         adapt = instantiate(cfg.method.adapt)
         seed_everything(cfg.seed)
         if ctx.cuda:
@@ -151,6 +152,11 @@ def execute(cfg: DictConfig) -> str:
         # a reused cached training counts with the time it took when it ran
         adapt_time = time.perf_counter() - t0 + adapted.reused_time_s
         tables = dict(adapted.tables)
+        moved = deviation.deviation_table(start_weights, adapted.model)
+        del start_weights
+        if not moved.empty:  # a method that trained the backbone: how far it moved (rftbench.deviation)
+            tables["deviation"] = moved
+            adapted.info = {**adapted.info, **deviation.totals(moved)}
         if adapted.analysis is not None:  # oracle analysis: after the choice, test splits allowed
             extra_tables, extra_rows = adapted.analysis(suite)
             tables.update(extra_tables)
