@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -186,6 +187,9 @@ def execute(cfg: DictConfig) -> str:
         folder.write_json("env.json", environment(str(device), threads))
         tracking.log_run(cfg, folder)
         folder.finish()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: no error recorded: the rerun resumes (status incomplete)
+        folder.lock.release()
+        raise
     except Exception as exc:
         folder.fail(exc)
         log.error("run %s failed: %s: %s (details: %s)", folder.run_id, type(exc).__name__, exc,
@@ -194,6 +198,22 @@ def execute(cfg: DictConfig) -> str:
     log.info("done %s -> %s", folder.run_id, folder.path)
     print(summary_block(pd.read_csv(folder.path / "metrics.csv", dtype={"run_id": str}), folder.path), flush=True)
     return "done"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that runs end the way Ctrl-C ends them."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Interrupted()
+
+
+def interrupted_line() -> str:
+    """The one line an interrupted run prints: how far its training got and how to resume."""
+    from rftbench.train import PROGRESS
+
+    where = f" after epoch {PROGRESS['epoch']}/{PROGRESS['epochs']}" if PROGRESS["epochs"] else ""
+    return f"interrupted{where}; rerun the same command to resume"
 
 
 sweep.register_resolvers()
@@ -217,7 +237,12 @@ def main() -> None:
 
         plan_main([a for a in sys.argv[1:] if a not in ("--plan", "-m", "--multirun")])
         return
-    hydra_main()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        hydra_main()
+    except KeyboardInterrupt as exc:  # Ctrl-C (exit 130) or SIGTERM (143): one line, locks released
+        print(interrupted_line(), file=sys.stderr, flush=True)
+        sys.exit(143 if isinstance(exc, Interrupted) else 130)
     if sweep.LAST is not None and not sweep.LAST.ok:
         sys.exit(1)
 

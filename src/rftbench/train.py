@@ -27,6 +27,10 @@ from rftbench.selection import Running
 log = logging.getLogger("rftbench")
 
 
+# The epoch the current training last finished, of how many (the runner's interrupt message).
+PROGRESS = {"epoch": 0, "epochs": 0}
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite (or, for a linear probe, diverged)."""
 
@@ -195,6 +199,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             if ctx.cuda and "cuda_rng" in saved:
                 torch.cuda.set_rng_state(saved["cuda_rng"].cpu())
             log.info("resumed from %s after epoch %d/%d", ckpt.name, saved["epoch"], epochs)
+    PROGRESS.update(epoch=first - 1, epochs=epochs)
     for epoch in range(first, epochs + 1):
         model.train()
         if bn_eval:
@@ -221,6 +226,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
         history.append({"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc,
                         "lr": opt.param_groups[0]["lr"]})
         log.info("epoch %d/%d  loss %.4f  val_acc %.4f", epoch, epochs, train_loss, val_acc)
+        PROGRESS["epoch"] = epoch
         if select == "last":
             best = Running(epoch, val_acc, _state_copy(model), epoch)
         elif best.offer(epoch, val_acc):
