@@ -6,7 +6,9 @@ head (linear). With `head_init=zeroshot` the head is open_clip's own zero-shot c
 (`open_clip.build_zero_shot_classifier`: per class, the mean over prompt templates of the
 L2-normalised text embeddings, L2-normalised again) times CLIP's learned logit scale (plus the
 logit bias of SigLIP models), so the logits are exactly those of CLIP's zero-shot evaluation. The text
-tower is used once to build the head and is not part of the returned model.
+tower is used once to build the head and is not part of the returned model's modules or state; methods
+that train both towers (FLYP) find the full open_clip model (sharing the image tower with `body`) and
+the prompts in `model.clip` (a `ClipParts`, not registered as a submodule).
 
 Prompts: suites whose classes are ImageNet classes (`upstream_classes` into ImageNet-1k) use
 open_clip's ImageNet class names and the 80 OpenAI ImageNet templates; other suites use their
@@ -27,6 +29,14 @@ from rftbench.classifier import Classifier, Normalize
 from rftbench.data.base import Suite
 
 TEMPLATES = {"openai": open_clip.OPENAI_IMAGENET_TEMPLATES, "simple": open_clip.SIMPLE_IMAGENET_TEMPLATES}
+
+
+class ClipParts:
+    """The full open_clip model behind a CLIP `Classifier` (its `visual` is the classifier's image
+    tower) with the architecture name and the head's prompts (class names may be None)."""
+
+    def __init__(self, model: nn.Module, arch: str, names: list[str] | None, templates: Sequence):
+        self.model, self.arch, self.names, self.templates = model, arch, names, templates
 
 
 class ImageEncoder(nn.Module):
@@ -141,6 +151,7 @@ def build_model(b: DictConfig, suite: Suite, head_init: str, seed: int,
                          f"set backbone.input.size={native}")
     mean, std = (list(b[k]) if b.get(k) is not None else None for k in ("mean", "std"))
     model = image_classifier(full, b.arch, suite.num_classes, mean, std)
+    object.__setattr__(model, "clip", ClipParts(full, b.arch, names, templates))  # not a submodule
     if head_init == "zeroshot":
         model.head = zeroshot_head(full, b.arch, names, templates, device)
         model.head_origin = "zeroshot"
@@ -148,4 +159,5 @@ def build_model(b: DictConfig, suite: Suite, head_init: str, seed: int,
         torch.manual_seed(seed)
         model.head = nn.Linear(model.num_features, suite.num_classes)
         model.head_origin = "random"
+    full.cpu()
     return model.cpu()
