@@ -14,6 +14,10 @@ static, sortable `index.html` (`rftbench.report`) that links every row to its ru
   at least `--er-min-methods` baseline methods with `--er-min-seeds` runs each (default 3 x 3);
   with fewer the column is left empty and a warning says why.
 - Mean ± standard error over trial seeds; no ± where there is one seed or no spread (`n_seeds`).
+  A value that fewer of the row's seeds recorded than `n_seeds` (a run without that metric) says
+  so: `<column>_n_seeds` in the CSV, "(n=k)" in Markdown and LaTeX.
+- A metric value that is not a finite number (nan, inf, text) is an error naming the run folder,
+  split and metric; `--drop-bad-runs` leaves such runs out instead, with a warning counting them.
 - `<column>_within_noise`: the row's mean is within the standard error of its difference from the
   best row of the same (suite, backbone) (the best row included); bold in Markdown and LaTeX.
 
@@ -25,6 +29,7 @@ import argparse
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +73,48 @@ ER_MIN_METHODS, ER_MIN_SEEDS = 3, 3  # baseline points an effective-robustness f
 SELECT_BY = "val_acc"  # the runner's ("-", "val_acc") row: Adapted.val_acc
 # config keys that are not hyper-parameters of a variant: those that do not change the work, and the trial seed
 NOT_VARIANT = (*NOT_WORK, "seed")
+
+
+class BadMetrics(ValueError):
+    """A finished run's metrics.csv has a value that is not a finite number."""
+
+
+def bad_values(runs_root: str | Path) -> dict[Path, list[tuple[str, str, str]]]:
+    """Finished, undamaged run folder -> its metric rows whose value is not a finite number, as
+    (split, metric, value as written); folders without such rows are not listed."""
+    out = {}
+    for folder in run_folders(runs_root):
+        if not (folder / "done").exists() or damage(folder) is not None:
+            continue
+        m = pd.read_csv(folder / "metrics.csv", dtype={"value": str}, keep_default_na=False)
+        num = pd.to_numeric(m["value"], errors="coerce")
+        bad = m[~np.isfinite(num.to_numpy(float))]
+        if len(bad):
+            out[folder] = [(str(r["split"]), str(r["metric"]), str(r["value"])) for _, r in bad.iterrows()]
+    return out
+
+
+def checked_metrics(runs_root: str | Path, drop_bad_runs: bool = False) -> pd.DataFrame:
+    """`load_metrics` with every value a finite float. A run with another value raises `BadMetrics`
+    naming its folder, split and metric, or (`drop_bad_runs`) is left out with a warning."""
+    metrics = load_metrics(runs_root)
+    bad = bad_values(runs_root)
+    if bad and not drop_bad_runs:
+        folder, rows = next(iter(bad.items()))
+        split, metric, value = rows[0]
+        more = sum(map(len, bad.values())) - 1
+        raise BadMetrics(f"{folder / 'metrics.csv'}: split {split}, metric {metric} has value {value or '(empty)'!r}, "
+                         f"not a finite number" + (f" (and {more} more such values in {len(bad)} runs)" if more else "")
+                         + "; fix or remove the run, or pass --drop-bad-runs to leave such runs out")
+    if bad:
+        log.warning("left out %d runs with metric values that are not finite numbers (--drop-bad-runs): %s",
+                    len(bad), ", ".join(f"{f} ({rows[0][0]}/{rows[0][1]}={rows[0][2] or '(empty)'})"
+                                        for f, rows in bad.items()))
+        ids = {(f.parts[-4], f.parts[-3], f.parts[-2], f.name) for f in bad}
+        key = zip(metrics["suite"].astype(str), metrics["backbone"].astype(str), metrics["method"].astype(str),
+                  metrics["run_id"].astype(str))
+        metrics = metrics[[k not in ids for k in key]].reset_index(drop=True)
+    return metrics.assign(value=pd.to_numeric(metrics["value"]).astype(float))
 
 
 def run_variants(runs_root: str | Path) -> dict[str, str]:
@@ -215,20 +262,25 @@ def add_effective_robustness(runs: pd.DataFrame, baselines=BASELINES, min_method
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, standard error (ddof=1; NaN for one seed) and n_seeds per (suite, backbone, method,
-    variant)."""
+    variant); `<column>_n_seeds` for a column some row has from fewer (but some) of its seeds."""
     if runs.empty:
         return pd.DataFrame(columns=KEYS + ["variant", "n_seeds"])
     runs = runs if "variant" in runs else runs.assign(variant="-")
     value_cols = [c for c in runs.columns if c not in KEYS + ["seed", "run_id", "variant"]]
-    rows = []
+    rows, partial = [], set()
     for key, g in runs.groupby(KEYS + ["variant"], sort=True):
         rec = dict(zip(KEYS + ["variant"], key)) | {"n_seeds": g["seed"].nunique()}
         for c in value_cols:
-            vals = g[c].dropna().to_numpy(dtype=float)
+            has = g[c].notna()
+            vals = g.loc[has, c].to_numpy(dtype=float)
             rec[c] = vals.mean() if len(vals) else np.nan
             rec[f"{c}_se"] = vals.std(ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else np.nan
+            rec[f"{c}_n_seeds"] = g.loc[has, "seed"].nunique()
+            if 0 < rec[f"{c}_n_seeds"] < rec["n_seeds"]:
+                partial.add(c)
         rows.append(rec)
-    return pd.DataFrame(rows)
+    drop = [f"{c}_n_seeds" for c in value_cols if c not in partial]
+    return pd.DataFrame(rows).drop(columns=drop)
 
 
 def select_variants(variants: pd.DataFrame, parents: dict[str, str] | None = None) -> pd.DataFrame:
@@ -284,8 +336,10 @@ class Leaderboard:
 
 
 def build_all(runs_root: str | Path, baselines=BASELINES, min_methods: int = ER_MIN_METHODS,
-              min_seeds: int = ER_MIN_SEEDS) -> Leaderboard:
-    metrics, run_variant, parents = split_rows(load_metrics(runs_root), run_variants(runs_root))
+              min_seeds: int = ER_MIN_SEEDS, drop_bad_runs: bool = False) -> Leaderboard:
+    """The leaderboard of the finished runs under `runs_root`; raises `BadMetrics` for a metric value
+    that is not a finite number unless `drop_bad_runs` (then such runs are left out, with a warning)."""
+    metrics, run_variant, parents = split_rows(checked_metrics(runs_root, drop_bad_runs), run_variants(runs_root))
     runs = per_run(metrics, run_variant)
     if runs.empty:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
@@ -367,8 +421,11 @@ def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
         se = board[f"{c}_se"] if f"{c}_se" in board else pd.Series(np.nan, index=board.index)
         flags = board[f"{c}_within_noise"] if f"{c}_within_noise" in board else pd.Series(False, index=board.index)
         cells = []
+        n = board[f"{c}_n_seeds"] if f"{c}_n_seeds" in board else board["n_seeds"]
         for i, v in board[c].items():
             s = _fmt(v, se[i], c in PERCENT)
+            if s != "-" and n[i] < board.at[i, "n_seeds"]:  # fewer seeds behind this value than the row's
+                s += f" (n={int(n[i])})"
             if fmt == "tex":
                 s = _tex(s)
             bold = bool(flags[i]) and s != "-"
@@ -378,7 +435,8 @@ def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
 
 
 NOTE = ("Mean ± standard error over n_seeds trial seeds (no ± for one seed or no spread); bold: the best of "
-        "its suite and backbone, or within the standard error of the difference from it. †: in some trial "
+        "its suite and backbone, or within the standard error of the difference from it; (n=k): a value from "
+        "only k of the row's seeds. †: in some trial "
         "seed the best validation epoch was the last one (not converged within the budget).")
 
 
@@ -410,6 +468,21 @@ def write(board: pd.DataFrame, out_dir: str | Path, lb: Leaderboard | None = Non
     return paths
 
 
+def out_problem(out: str | Path) -> str | None:
+    """Why the output folder `out` cannot be made or written, or None."""
+    path = Path(out).absolute()
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file"
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs", help="runs folder (paths.runs)")
@@ -421,12 +494,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--er-min-seeds", type=int, default=ER_MIN_SEEDS,
                     help="runs a baseline method needs to count towards --er-min-methods")
     ap.add_argument("--no-plots", action="store_true", help="tables only")
+    ap.add_argument("--drop-bad-runs", action="store_true",
+                    help="leave out runs with a metric value that is not a finite number (default: an error)")
     args = ap.parse_args(argv)
-    lb = build_all(args.runs, tuple(m for m in args.baselines.split(",") if m), args.er_min_methods,
-                   args.er_min_seeds)
+    if not Path(args.runs).is_dir():
+        raise SystemExit(f"--runs {args.runs}: no such folder" + (" (it is a file)" if Path(args.runs).exists() else ""))
+    problem = out_problem(args.out)
+    if problem:
+        raise SystemExit(f"--out {args.out}: cannot be created: {problem}")
+    try:
+        lb = build_all(args.runs, tuple(m for m in args.baselines.split(",") if m), args.er_min_methods,
+                       args.er_min_seeds, args.drop_bad_runs)
+    except BadMetrics as exc:
+        raise SystemExit(str(exc)) from None
     if lb.board.empty:
         raise SystemExit(f"no finished runs under {args.runs}/; run `make bench` or python -m rftbench.run first")
-    paths = write(lb.board, args.out, lb)
+    try:
+        paths = write(lb.board, args.out, lb)
+    except OSError as exc:
+        raise SystemExit(f"--out {args.out}: cannot write: {exc}") from None
     figures = [] if args.no_plots else plots.plot_all(lb.runs, lb.fits, args.runs, args.out, lb.board)
     paths += figures
     paths.append(report.write_index(lb.board, lb.runs, display_table(lb.board), args.runs, args.out, figures, NOTE))

@@ -1,27 +1,122 @@
 """Config validation: bad values are rejected before any run folder is made or anything runs, with
-one `ConfigError` naming the key, the value and the valid range."""
+one `ConfigError` naming the key, the value and the valid range.
+
+Checked: the integer keys (`INTEGERS`), every evaluation key (`eval.*`: the attack's norms, eps,
+tier and sizes, the batch size and the ECE bins), keys added with Hydra's `+` that the evaluation or
+the method's `adapt` function would ignore or reject only after training (unknown `eval.*` keys,
+compared with configs/eval/default.yaml; `method.adapt` keys that are not parameters of its
+`_target_`), and a backbone pre-training recipe set for a backbone without one. A `threads` value
+above the available cores is a warning, not an error (it runs, only slower)."""
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+import inspect
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from rftbench.attacks import NORMS, TIERS
+from rftbench.identity import CONFIG_DIR
+from rftbench.utils import available_cores
+
+log = logging.getLogger("rftbench")
 
 # key -> smallest valid value; each must be an integer
-INTEGERS = {"seed": 0, "hp_seed": 0, "budget.epochs": 1, "budget.batch_size": 1}
+INTEGERS = {"seed": 0, "hp_seed": 0, "budget.epochs": 1, "budget.batch_size": 1,
+            "eval.batch_size": 1, "eval.ece_bins": 1, "eval.adversarial.n": 1, "eval.adversarial.seed": 0,
+            "eval.adversarial.n_iter": 1, "eval.adversarial.n_target_classes": 1, "eval.adversarial.batch_size": 1}
+EVAL_DEFAULTS = Path(CONFIG_DIR) / "eval" / "default.yaml"
+HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
 class ConfigError(ValueError):
     """An invalid config value; the message names the key and what is valid."""
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise `ConfigError` for the first invalid value of `cfg`."""
+def _check_integers(cfg: DictConfig) -> None:
     for key, low in INTEGERS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
-        if value < low:
-            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def _check_known(node, reference, prefix: str) -> None:
+    """Every key of `node` is a key of `reference` (recursively; list items against the first
+    reference item): an unknown one (a typo, or a `+key` the code never reads) is an error."""
+    if isinstance(node, DictConfig) and isinstance(reference, DictConfig):
+        for key in node:
+            if key not in reference:
+                raise ConfigError(f"unknown key {prefix}.{key}: the evaluation does not read it; valid keys of "
+                                  f"{prefix}: {', '.join(map(str, reference))} (configs/eval/default.yaml)")
+            _check_known(node[key], reference[key], f"{prefix}.{key}")
+    elif isinstance(node, ListConfig) and isinstance(reference, ListConfig) and len(reference):
+        for i, item in enumerate(node):
+            _check_known(item, reference[0], f"{prefix}[{i}]")
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    ev = cfg.get("eval")
+    if ev is None:
+        return
+    _check_known(ev, OmegaConf.load(EVAL_DEFAULTS), "eval")
+    adv = ev.get("adversarial") or {}
+    tier = adv.get("tier")
+    if tier is not None and tier not in TIERS:
+        raise ConfigError(f"eval.adversarial.tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    threats = adv.get("threats")
+    if threats is None:
+        return
+    if not isinstance(threats, ListConfig):
+        raise ConfigError(f"eval.adversarial.threats must be a list of {{norm, eps}}, got {threats!r}")
+    for i, threat in enumerate(threats):
+        key = f"eval.adversarial.threats[{i}]"
+        if not isinstance(threat, DictConfig):
+            raise ConfigError(f"{key} must be a {{norm, eps}} mapping, got {threat!r}")
+        norm, eps = threat.get("norm"), threat.get("eps")
+        if norm not in NORMS:
+            raise ConfigError(f"{key}.norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
+            raise ConfigError(f"{key}.eps must be a finite number > 0 (pixel units, e.g. 8/255 = 0.0314), "
+                              f"got {eps!r}")
+
+
+def _check_adapt(cfg: DictConfig) -> None:
+    """`method.adapt` keys are keyword arguments of its `_target_`: one the function does not take
+    would only fail after the data and model are built (or, with **kwargs, be ignored)."""
+    adapt = OmegaConf.select(cfg, "method.adapt", default=None)
+    if not isinstance(adapt, DictConfig) or "_target_" not in adapt:
+        return
+    from hydra.utils import get_method
+
+    target = adapt["_target_"]
+    try:
+        params = inspect.signature(get_method(target)).parameters
+    except Exception as exc:
+        raise ConfigError(f"method.adapt._target_ {target!r} cannot be imported: {exc}") from exc
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n in params if n not in ("model", "suite", "ctx")]
+    for key in adapt:
+        if key not in HYDRA_KEYS and key not in params:
+            raise ConfigError(f"unknown key method.adapt.{key}: {target} takes no such argument; "
+                              f"valid: {', '.join(valid)}")
+
+
+def _check_threads(cfg: DictConfig) -> None:
+    threads, cores = cfg.get("threads"), available_cores()
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads > cores:
+        log.warning("threads=%d is more than the %d available cores: the run oversubscribes them and is "
+                    "slower (threads=null uses the available cores)", threads, cores)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise `ConfigError` for the first invalid value of `cfg`; warn about `threads` above the cores."""
+    _check_integers(cfg)
+    _check_eval(cfg)
+    _check_adapt(cfg)
+    _check_threads(cfg)
     pretrain = OmegaConf.select(cfg, "backbone.pretrain", default=None)
     if pretrain is not None and "_target_" not in pretrain:
         keys = ", ".join(f"backbone.pretrain.{k}" for k in pretrain)
