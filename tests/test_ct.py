@@ -363,3 +363,178 @@ def test_trainable_ct_channel_dims_and_mean():
     beta, coeff = mean_beta_coeff(tr)
     assert beta == pytest.approx((5 * 0.9 + 2 * 0.6) / 7, abs=1e-6)  # mean over all channels
     assert coeff == pytest.approx((5 * 0.5 + 2 * 0.2) / 7, abs=1e-6)
+
+
+# ---------------------------------------------------------------- ReLU6 / LeakyReLU / Hardtanh kinks
+
+from rftbench.methods.ct import NOT_PIECEWISE_MSG, CTHardtanh, CTLeakyReLU  # noqa: E402
+
+VALUES = torch.tensor([-1e4, -20.0, -7.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 5.9, 6.0, 6.1, 9.0, 1e4],
+                      dtype=torch.float64)
+
+
+def test_piecewise_affine_identities_on_hand_made_values():
+    relu = torch.relu
+    torch.testing.assert_close(F.relu6(VALUES), relu(VALUES) - relu(VALUES - 6), rtol=0, atol=0)
+    for lo, hi in [(-1.0, 1.0), (-2.0, 3.0), (0.0, 6.0)]:
+        expected = lo + relu(VALUES - lo) - relu(VALUES - hi)
+        torch.testing.assert_close(F.hardtanh(VALUES, lo, hi), expected, rtol=0, atol=0)
+    for s in (0.01, 0.2, -0.5):
+        torch.testing.assert_close(F.leaky_relu(VALUES, s), s * VALUES + (1 - s) * relu(VALUES), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_ct_kink_modules_are_the_smoothed_identities(beta):
+    u = CTU(beta, 0.5)
+    x = VALUES
+    torch.testing.assert_close(CTHardtanh(0.0, 6.0, CTU(beta), CTU(beta))(x), u(x) - u(x - 6), rtol=0, atol=0)
+    torch.testing.assert_close(CTHardtanh(-2.0, 3.0, CTU(beta), CTU(beta))(x), -2 + u(x + 2) - u(x - 3), rtol=0, atol=0)
+    torch.testing.assert_close(CTLeakyReLU(0.2, CTU(beta))(x), 0.2 * x + 0.8 * u(x), rtol=0, atol=0)
+    # hand value: ReLU6 at x = 0 is s ln 2 / 2 - CTU(-6) (c = 1/2), s = 1 - beta + eps
+    s = 1 - beta + EPS
+    assert CTHardtanh(0.0, 6.0, CTU(beta), CTU(beta))(torch.zeros(1, dtype=torch.float64)).item() == pytest.approx(
+        s * math.log(2) / 2 - ctu_reference(-6.0, beta, 0.5), rel=1e-9
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kink_modules_at_beta_one_are_the_native_ops_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(1000, dtype=torch.float64) * 8).to(dtype)
+    x[:4] = torch.tensor([0.0, -0.0, 6.0, -1.0]).to(dtype)
+    assert torch.equal(CTHardtanh(0.0, 6.0, CTU(1.0), CTU(1.0))(x), F.relu6(x))
+    assert torch.equal(CTHardtanh(-1.0, 2.5, CTU(1.0), CTU(1.0))(x), F.hardtanh(x, -1.0, 2.5))
+    assert torch.equal(CTLeakyReLU(0.1, CTU(1.0))(x), F.leaky_relu(x, 0.1))
+    # and so are their gradients at the kinks
+    k = torch.tensor([-1.0, 0.0, 2.5], dtype=torch.float64, requires_grad=True)
+    (g_ct,) = torch.autograd.grad(CTHardtanh(-1.0, 2.5, CTU(1.0), CTU(1.0))(k).sum(), k)
+    (g_native,) = torch.autograd.grad(F.hardtanh(k, -1.0, 2.5).sum(), k)
+    assert torch.equal(g_ct, g_native)
+
+
+def finite_differences(f, x0: float, h: float) -> tuple[float, float, float]:
+    """(left derivative, right derivative, second difference) of a scalar function at x0, float64."""
+    v = f(torch.tensor([x0 - h, x0, x0 + h], dtype=torch.float64))
+    left, right = (v[1] - v[0]).item() / h, (v[2] - v[1]).item() / h
+    return left, right, (v[2] - 2 * v[1] + v[0]).item() / h**2
+
+
+KINKED = {  # name: (plain activation, CT version at beta, kinks)
+    "relu6": (nn.ReLU6(), lambda b: CTHardtanh(0.0, 6.0, CTU(b), CTU(b)), [0.0, 6.0]),
+    "hardtanh": (nn.Hardtanh(-2.0, 3.0), lambda b: CTHardtanh(-2.0, 3.0, CTU(b), CTU(b)), [-2.0, 3.0]),
+    "leaky_relu": (nn.LeakyReLU(0.2), lambda b: CTLeakyReLU(0.2, CTU(b)), [0.0]),
+}
+
+
+@pytest.mark.parametrize("name", list(KINKED))
+@pytest.mark.parametrize("beta", [0.5, 0.9])
+def test_ct_smooths_every_kink(name, beta):
+    plain, make, kinks = KINKED[name]
+    ct = make(beta)
+    h = 1e-4
+    for k in kinks:
+        left, right, second = finite_differences(plain, k, h)
+        assert abs(right - left) > 0.5 and abs(second) > 0.5 / h  # a kink: jump in slope, f'' ~ 1 / h
+        left, right, second = finite_differences(ct, k, h)
+        assert abs(right - left) < 10 * h / (1 - beta)  # C1: one-sided slopes agree to O(h f'')
+        assert math.isfinite(second) and abs(second) < 2 / (1 - beta)  # |f''| bounded by ~ 1 / (2 s)
+        assert abs(ct(torch.tensor([k], dtype=torch.float64)) - plain(torch.tensor([k], dtype=torch.float64))) > 1e-3
+
+
+class Kinked(nn.Module):
+    """LeakyReLU and Hardtanh as modules (one reused at two sites) and functionally (in place too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.clip = nn.Hardtanh(-1.5, 2.0)
+        self.head = nn.Sequential(nn.Linear(4, 4), nn.ReLU6())
+
+    def forward(self, x):
+        a = self.leaky(self.lin1(x))
+        b = self.clip(a - 0.3)
+        c = F.hardtanh(b, min_val=-1.0, max_val=0.5) + F.relu6(a) + F.leaky_relu(b, 0.3)
+        d = self.lin2(c)
+        F.hardtanh_(d, -2.0, 2.0)  # d is read again below
+        return self.head(self.leaky(d - 0.1)) + d
+
+
+def kinked_reference(m: Kinked, x: torch.Tensor, beta: float) -> torch.Tensor:
+    def ht(v, lo, hi):
+        return CTHardtanh(lo, hi, CTU(beta), CTU(beta))(v)
+
+    def leaky(v, s):
+        return CTLeakyReLU(s, CTU(beta))(v)
+
+    a = leaky(m.lin1(x), 0.1)
+    b = ht(a - 0.3, -1.5, 2.0)
+    d = ht(m.lin2(ht(b, -1.0, 0.5) + ht(a, 0.0, 6.0) + leaky(b, 0.3)), -2.0, 2.0)
+    return ht(m.head[0](leaky(d - 0.1, 0.1)), 0.0, 6.0) + d
+
+
+def test_leaky_hardtanh_model_modules_and_functional():
+    torch.manual_seed(0)
+    model = Kinked().eval()
+    x = torch.randn(64, 4) * 3
+    with torch.no_grad():
+        plain = model(x)
+    assert count_relu_calls(model, x) == 8
+    for beta in (1.0, 0.8):
+        ct = apply_ct(model, beta, example_input=x if beta < 1 else None)
+        assert ct.ct_sites == count_ct_sites(ct) == 2 * 5 + 3  # 5 Hardtanh / ReLU6 sites, 3 LeakyReLU
+        with torch.no_grad():
+            out = ct(x)
+            torch.testing.assert_close(out, kinked_reference(model, x, beta), rtol=0, atol=1e-6)
+        if beta == 1.0:
+            torch.testing.assert_close(out, plain, rtol=0, atol=1e-6)
+        else:
+            assert (out - plain).abs().max() > 1e-2
+            assert count_relu_calls(ct, x) == 0
+            set_beta(ct, 1.0)
+            with torch.no_grad():
+                torch.testing.assert_close(ct(x), plain, rtol=0, atol=1e-6)
+
+
+def test_mobilenet_v2_relu6():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    assert sum(isinstance(m, nn.ReLU6) for m in model.modules()) == 35
+    assert count_relu_calls(model, X) == 35
+    with torch.no_grad():
+        plain = model(X)
+    ct = apply_ct(model, 1.0, example_input=X)
+    assert ct.ct_sites == count_ct_sites(ct) == 70  # two kinks per ReLU6
+    assert sum(isinstance(m, CTHardtanh) for m in ct.modules()) == 35 and count_relu_calls(ct, X) == 0
+    assert list(ct.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ct(X), plain, rtol=0, atol=1e-6)
+        set_beta(ct, 0.9)
+        smooth = ct(X)
+    assert (smooth - plain).abs().max() > 1e-4
+    with torch.no_grad():
+        torch.testing.assert_close(apply_ct(model, 0.9)(X), smooth, rtol=0, atol=0)
+
+    tr = apply_trainable_ct(model, X)
+    units = [m for m in tr.modules() if isinstance(m, TrainableCTU)]
+    assert tr.ct_sites == len(units) == len({id(u) for u in units}) == 70
+    assert len(ct_parameters(tr)) == 140
+    pairs = [(m.kink_lo.num_channels, m.kink_hi.num_channels) for m in tr.modules() if isinstance(m, CTHardtanh)]
+    assert pairs[0] == (32, 32) and pairs[-1] == (1280, 1280) and all(a == b for a, b in pairs)
+    beta, coeff = mean_beta_coeff(tr)
+    assert beta == pytest.approx(1 / (1 + math.exp(-1.386)), abs=1e-6) and coeff == 0.5
+
+
+def test_hardswish_hardsigmoid_are_refused_by_name():
+    model = torchvision.models.mobilenet_v3_small(weights=None)
+    for convert in (lambda: apply_ct(model, 0.9), lambda: apply_trainable_ct(model, X)):
+        with pytest.raises(ValueError, match=r"not piecewise affine.*Hardswish x\d+, Hardsigmoid x\d+"):
+            convert()
+    assert "Hardswish" in NOT_PIECEWISE_MSG and "Hardsigmoid" in NOT_PIECEWISE_MSG
+
+    class FunctionalGate(nn.Module):
+        def forward(self, x):
+            return F.hardswish(torch.relu(x) - 1)
+
+    with pytest.raises(ValueError, match=r"not piecewise affine.*F.hardswish x1"):
+        apply_ct(FunctionalGate(), 0.9, example_input=torch.randn(2, 3))

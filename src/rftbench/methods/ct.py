@@ -1,11 +1,19 @@
-"""Curvature Tuning (Hu & Balestriero, arXiv 2502.07783): ReLU sites -> curvature-tunable units.
+"""Curvature Tuning (Hu & Balestriero, arXiv 2502.07783): ReLU kinks -> curvature-tunable units.
 
-`apply_ct` returns a copy of a ReLU network in which every ReLU activation site is a `CTU`:
-registered `nn.ReLU` modules used at one site are swapped; modules whose `forward` calls ReLU
-functionally (`F.relu`, `torch.relu(_)`, `Tensor.relu(_)`, an `nn.ReLU` built inside `forward`) or
-calls one ReLU module at several sites (torchvision's BasicBlock / Bottleneck `self.relu`) are
-rewritten with a shallow `torch.fx` trace (children stay opaque), one CT module per site.
-`apply_trainable_ct` does the same with per-channel `TrainableCTU`s sized from an example input.
+`apply_ct` returns a copy of a ReLU-family network in which every kink of a piecewise-affine
+activation is a `CTU` (one CT site per kink):
+  ReLU(x)                -> CTU(x)
+  LeakyReLU(x; s)        =  s x + (1 - s) ReLU(x)              -> s x + (1 - s) CTU(x)        (`CTLeakyReLU`)
+  Hardtanh(x; lo, hi)    =  lo + ReLU(x - lo) - ReLU(x - hi)   -> lo + CTU(x - lo) - CTU(x - hi) (`CTHardtanh`)
+  ReLU6(x) = Hardtanh(x; 0, 6)                                  -> CTU(x) - CTU(x - 6)
+At beta = 1 every converted activation is the original op bit for bit. Registered activation
+modules used at one site are swapped; modules whose `forward` calls one functionally (`F.relu`,
+`torch.relu(_)`, `Tensor.relu(_)`, `F.relu6`, `F.hardtanh(_)`, `F.leaky_relu(_)`, a module built inside
+`forward`) or calls one module at several sites (torchvision's BasicBlock / Bottleneck `self.relu`)
+are rewritten with a shallow `torch.fx` trace (children stay opaque), new CT modules per site.
+`apply_trainable_ct` does the same with per-channel `TrainableCTU`s (one per kink) sized from an
+example input. Hardswish / Hardsigmoid / HardMish are not piecewise affine and are refused.
+The paper and the authors' code handle ReLU only; the extension to the other kinks is ours.
 """
 from __future__ import annotations
 
@@ -23,11 +31,29 @@ from torch.overrides import TorchFunctionMode
 
 EPS = 1e-6
 SOFTPLUS_THRESHOLD = 20.0
-NO_SITES_MSG = "model has no ReLU activation sites; CT needs a ReLU network"
+NO_SITES_MSG = (
+    "model has no ReLU activation sites (ReLU, ReLU6, LeakyReLU, Hardtanh); CT needs a ReLU network"
+)
+NOT_PIECEWISE_MSG = "CT cannot convert Hardswish / Hardsigmoid / HardMish (not piecewise affine)"
 
-_RELU_FUNCTIONS = {F.relu: False, F.relu_: True, torch.relu: False, torch.relu_: True}
+# a site's kind: ("relu", ()), ("hardtanh", (lo, hi)) or ("leaky_relu", (slope,))
+Kind = tuple[str, tuple[float, ...]]
+# functional sites: kind, its parameters after `input` (name, default), whether always in place
+_FUNCTIONS: dict[Callable, tuple[str, tuple[tuple[str, float], ...], bool]] = {
+    F.relu: ("relu", (), False),
+    F.relu_: ("relu", (), True),
+    torch.relu: ("relu", (), False),
+    torch.relu_: ("relu", (), True),
+    F.relu6: ("relu6", (), False),
+    F.hardtanh: ("hardtanh", (("min_val", -1.0), ("max_val", 1.0)), False),
+    F.hardtanh_: ("hardtanh", (("min_val", -1.0), ("max_val", 1.0)), True),
+    F.leaky_relu: ("leaky_relu", (("negative_slope", 0.01),), False),
+    F.leaky_relu_: ("leaky_relu", (("negative_slope", 0.01),), True),
+}
 _RELU_METHODS = {"relu": False, "relu_": True}
-_RELU_CALLABLES = (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+_RELU_CALLABLES = (*_FUNCTIONS, torch.Tensor.relu, torch.Tensor.relu_)
+_NOT_PIECEWISE_CALLABLES = (F.hardswish, F.hardsigmoid)
+_NOT_PIECEWISE_NAME = re.compile(r"hard_?(swish|sigmoid|mish)", re.IGNORECASE)
 
 
 def ctu(x: torch.Tensor, beta: float | torch.Tensor, coeff: float | torch.Tensor) -> torch.Tensor:
@@ -95,12 +121,77 @@ class TrainableCTU(nn.Module):
 _CT_TYPES = (CTU, TrainableCTU)
 
 
+def _exactly_relu(*units: nn.Module) -> bool:
+    return all(isinstance(u, CTU) and u.beta == 1.0 for u in units)
+
+
+class CTHardtanh(nn.Module):
+    """lo + kink_lo(x - lo) - kink_hi(x - hi): Hardtanh / ReLU6 with a CT unit at each of its two kinks."""
+
+    def __init__(self, lo: float, hi: float, kink_lo: nn.Module, kink_hi: nn.Module):
+        super().__init__()
+        if not lo < hi:
+            raise ValueError(f"Hardtanh needs lo < hi, got {lo}, {hi}")
+        self.lo, self.hi = float(lo), float(hi)
+        self.kink_lo, self.kink_hi = kink_lo, kink_hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exactly_relu(self.kink_lo, self.kink_hi):  # the native op (also its gradient at the kinks)
+            return torch._C._nn.hardtanh(x, self.lo, self.hi)
+        return self.lo + self.kink_lo(x - self.lo) - self.kink_hi(x - self.hi)
+
+    def extra_repr(self) -> str:
+        return f"lo={self.lo}, hi={self.hi}"
+
+
+class CTLeakyReLU(nn.Module):
+    """slope x + (1 - slope) kink(x): LeakyReLU with a CT unit at its kink."""
+
+    def __init__(self, slope: float, kink: nn.Module):
+        super().__init__()
+        self.slope = float(slope)
+        self.kink = kink
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exactly_relu(self.kink):
+            return torch._C._nn.leaky_relu(x, self.slope)
+        return self.slope * x + (1.0 - self.slope) * self.kink(x)
+
+    def extra_repr(self) -> str:
+        return f"slope={self.slope}"
+
+
+_COMPOSITE_TYPES = (CTHardtanh, CTLeakyReLU)
+
+
+def _module_kind(m: nn.Module) -> Kind | None:
+    """The kind of a piecewise-affine activation module; None for any other module."""
+    if isinstance(m, nn.ReLU):
+        return ("relu", ())
+    if isinstance(m, nn.Hardtanh):  # nn.ReLU6 included
+        return ("hardtanh", (float(m.min_val), float(m.max_val)))
+    if isinstance(m, nn.LeakyReLU):
+        return ("leaky_relu", (float(m.negative_slope),))
+    return None
+
+
+def _build(kind: Kind, make_unit: Callable[[], nn.Module]) -> nn.Module:
+    """The CT module of one activation site: one `make_unit()` per kink."""
+    name, params = kind
+    if name == "relu":
+        return make_unit()
+    if name == "hardtanh":
+        return CTHardtanh(*params, make_unit(), make_unit())
+    return CTLeakyReLU(*params, make_unit())
+
+
 def apply_ct(
     model: nn.Module, beta: float, coeff: float = 0.5, example_input: torch.Tensor | None = None
 ) -> nn.Module:
-    """Copy of `model` with a `CTU(beta, coeff)` at every ReLU site; `.ct_sites` = number of sites.
+    """Copy of `model` with a `CTU(beta, coeff)` at every kink of every ReLU / ReLU6 / LeakyReLU /
+    Hardtanh site; `.ct_sites` = number of kinks (ReLU 1, LeakyReLU 1, ReLU6 / Hardtanh 2).
 
-    With `example_input`, also checks that a forward pass executes no ReLU any more.
+    With `example_input`, also checks that a forward pass executes none of them any more.
     """
     beta, coeff = _check_unit("beta", beta), _check_unit("coeff", coeff)
     out, untraced = _replace_relu_sites(model, lambda: CTU(beta, coeff))
@@ -112,7 +203,7 @@ def apply_ct(
 def apply_trainable_ct(
     model: nn.Module, example_input: torch.Tensor, r_init: float = 1.386, q_init: float = 0.0
 ) -> nn.Module:
-    """Copy of `model` with one `TrainableCTU` per ReLU site, channels read from `example_input`."""
+    """Copy of `model` with one `TrainableCTU` per kink (as `apply_ct`), channels read from `example_input`."""
     out, untraced = _replace_relu_sites(model, _SiteProbe)
     probes = [m for m in out.modules() if isinstance(m, _SiteProbe)]
     _check_no_relu_left(out, example_input, untraced)
@@ -120,7 +211,7 @@ def apply_trainable_ct(
     for probe in probes:
         if len(probe.shapes) != 1:
             raise ValueError(
-                f"a ReLU site ran {len(probe.shapes)} times on example_input (expected once): it is either "
+                f"a ReLU kink ran {len(probe.shapes)} times on example_input (expected once): it is either "
                 "not on the example's path or a ReLU module reused at several sites of an untraceable module"
             )
         shape = probe.shapes[0]
@@ -134,7 +225,7 @@ def apply_trainable_ct(
 
 
 def count_ct_sites(model: nn.Module) -> int:
-    """Number of CT modules (`CTU` / `TrainableCTU`) in `model`."""
+    """Number of CT units (`CTU` / `TrainableCTU`, one per kink) in `model`."""
     return sum(isinstance(m, _CT_TYPES) for m in model.modules())
 
 
@@ -168,11 +259,16 @@ def mean_beta_coeff(model: nn.Module) -> tuple[float, float]:
 
 
 def count_relu_calls(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Number of ReLU calls (module or functional) one eval-mode forward pass of `model` executes."""
+    """Number of ReLU / ReLU6 / LeakyReLU / Hardtanh calls (module or functional) one eval-mode
+    forward pass of `model` executes."""
+    return _count_calls(model, example_input).calls
+
+
+def _count_calls(model: nn.Module, example_input: torch.Tensor) -> "_ReluCounter":
     counter = _ReluCounter()
     with _eval_mode(model), torch.no_grad(), counter:
         model(example_input)
-    return counter.calls
+    return counter
 
 
 class _SiteProbe(nn.Module):
@@ -193,10 +289,13 @@ class _ReluCounter(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.calls = 0
+        self.not_piecewise: Counter[str] = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _RELU_CALLABLES:
             self.calls += 1
+        elif func in _NOT_PIECEWISE_CALLABLES:
+            self.not_piecewise[f"F.{func.__name__}"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -213,7 +312,11 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _check_no_relu_left(model: nn.Module, example_input: torch.Tensor, untraced: dict[str, str]) -> None:
-    left = count_relu_calls(model, example_input)
+    counter = _count_calls(model, example_input)
+    if counter.not_piecewise:
+        found = ", ".join(f"{k} x{n}" for k, n in counter.not_piecewise.most_common())
+        raise ValueError(f"{NOT_PIECEWISE_MSG}; functional calls found: {found}")
+    left = counter.calls
     if left:
         detail = "; ".join(f"{k or '<root>'}: {v}" for k, v in untraced.items()) or "none"
         raise RuntimeError(f"{left} ReLU calls remain after CT conversion; modules fx could not trace: {detail}")
@@ -246,21 +349,27 @@ def _trace(m: nn.Module) -> fx.Graph:
 
 
 def _needs_trace(m: nn.Module) -> bool:
-    if isinstance(m, (nn.ReLU, *_CT_TYPES, _SiteProbe)):
+    if _module_kind(m) is not None or isinstance(m, (*_CT_TYPES, *_COMPOSITE_TYPES, _SiteProbe)):
         return False
     builtin = type(m).__module__.startswith("torch.nn.modules")
     return not builtin or isinstance(m, nn.Sequential)
 
 
-def _site_inplace(root: nn.Module, node: fx.Node) -> bool | None:
-    """Whether a ReLU site node works in place; None if the node is no ReLU site."""
-    if node.op == "call_module" and isinstance(root.get_submodule(node.target), nn.ReLU):
-        return bool(root.get_submodule(node.target).inplace)
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        inplace = _RELU_FUNCTIONS[node.target] or bool(node.kwargs.get("inplace", False))
-        return inplace or (len(node.args) > 1 and bool(node.args[1]))
+def _site(root: nn.Module, node: fx.Node) -> tuple[Kind, bool] | None:
+    """(kind, whether it works in place) of an activation site node; None if the node is no site."""
+    if node.op == "call_module" and (kind := _module_kind(root.get_submodule(node.target))) is not None:
+        return kind, bool(root.get_submodule(node.target).inplace)
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        name, params, always_inplace = _FUNCTIONS[node.target]
+        names = [p for p, _ in params] + ([] if always_inplace else ["inplace"])
+        given = dict(zip(names, node.args[1:])) | {k: v for k, v in node.kwargs.items() if k != "input"}
+        if any(isinstance(v, fx.Node) for v in given.values()):
+            raise ValueError(f"{node.target.__name__} with traced (non-constant) arguments: {given}")
+        values = tuple(float(given.get(p, default)) for p, default in params)
+        kind = ("hardtanh", (0.0, 6.0)) if name == "relu6" else (name, values)
+        return kind, always_inplace or bool(given.get("inplace", False))
     if node.op == "call_method" and node.target in _RELU_METHODS:
-        return _RELU_METHODS[node.target]
+        return ("relu", ()), _RELU_METHODS[node.target]
     return None
 
 
@@ -285,21 +394,21 @@ def _trace_code(m: nn.Module, training: bool) -> str:
 
 
 def _rewrite(
-    m: nn.Module, graph: fx.Graph, sites: list[tuple[fx.Node, bool]], make_unit: Callable[[], nn.Module]
+    m: nn.Module, graph: fx.Graph, sites: list[tuple[fx.Node, Kind, bool]], make_unit: Callable[[], nn.Module]
 ) -> fx.GraphModule:
-    """GraphModule of `m` with one new CT module per ReLU site node."""
+    """GraphModule of `m` with one new CT module per activation site node."""
     if _trace_code(m, True) != _trace_code(m, False):
         raise RuntimeError(f"cannot apply CT to {type(m).__name__}: its forward depends on self.training")
     for name, child in list(m.named_children()):
-        if isinstance(child, nn.ReLU):
+        if _module_kind(child) is not None:
             delattr(m, name)
-    for node, inplace in sites:
-        base = node.target if node.op == "call_module" and "." not in node.target else "relu"
+    for node, kind, inplace in sites:
+        base = node.target if node.op == "call_module" and "." not in node.target else kind[0]
         name, k = base, 0
         while hasattr(m, name):
             k += 1
             name = f"{base}_{k}"
-        m.add_module(name, make_unit())
+        m.add_module(name, _build(kind, make_unit))
         value = _site_input(node)
         with graph.inserting_after(node):
             unit_node = graph.call_module(name, (value,))
@@ -317,7 +426,11 @@ def _rewrite(
 def _replace_relu_sites(
     model: nn.Module, make_unit: Callable[[], nn.Module]
 ) -> tuple[nn.Module, dict[str, str]]:
-    """(copy of `model` with a new unit per ReLU site, {name: error} of modules fx could not trace)."""
+    """(copy of `model` with new units at every activation kink, {name: error} of modules fx could not trace)."""
+    not_piecewise = Counter(type(m).__name__ for m in model.modules() if _NOT_PIECEWISE_NAME.search(type(m).__name__))
+    if not_piecewise:
+        found = ", ".join(f"{k} x{n}" for k, n in not_piecewise.most_common())
+        raise ValueError(f"{NOT_PIECEWISE_MSG}; activations found: {found}")
     model = copy.deepcopy(model)
     created: list[nn.Module] = []
 
@@ -334,8 +447,8 @@ def _replace_relu_sites(
         except Exception as err:  # any failure means "not traceable"
             untraced[name] = f"{type(err).__name__}: {err}"
             continue
-        sites = [(node, inplace) for node in graph.nodes if (inplace := _site_inplace(m, node)) is not None]
-        calls.update(id(m.get_submodule(n.target)) for n, _ in sites if n.op == "call_module")
+        sites = [(node, *site) for node in graph.nodes if (site := _site(m, node)) is not None]
+        calls.update(id(m.get_submodule(n.target)) for n, _, _ in sites if n.op == "call_module")
         if sites:
             plans.append((m, graph, sites))
     to_rewrite = [
@@ -345,13 +458,13 @@ def _replace_relu_sites(
             node.op != "call_module"
             or calls[id(m.get_submodule(node.target))] > 1
             or (inplace and any(_site_input(node) in n.all_input_nodes for n in _nodes_after(node)))
-            for node, inplace in sites
+            for node, _, inplace in sites
         )
     ]
     mapping: dict[int, nn.Module] = {id(m): _rewrite(m, graph, sites, make) for m, graph, sites in to_rewrite}
     for m in model.modules():
-        if isinstance(m, nn.ReLU):
-            mapping[id(m)] = make()
+        if (kind := _module_kind(m)) is not None:
+            mapping[id(m)] = _build(kind, make)
     out = _swap_modules(model, mapping)
     present = {id(m) for m in out.modules()}
     sites_count = sum(id(u) in present for u in created)
