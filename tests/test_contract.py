@@ -126,7 +126,9 @@ FAST = ["budget.epochs=1"]
 ALL = {"zeroshot": [], "lp": [], "ct": ["method.betas.values=[0.9]"], "ct_robust": ["method.betas.values=[0.9]"],
        "ft": [], "lpft": [], "wise": ["method.adapt.alphas=[0.0,1.0]"], "lora": [], "ftp": [],
        "ct_trainable": [], "levi": [],
-       "rws": ["method.adapt.bn=keep", "method.adapt.coeffs=[0.0,1.0]", "method.adapt.alphas=[0.0,1.0]"]}
+       "rws": ["method.adapt.bn=keep", "method.adapt.coeffs=[0.0,1.0]", "method.adapt.alphas=[0.0,1.0]"],
+       "l2sp": [], "mars_sp": [], "bitfit": [], "surgical": [], "surgical_rgn": [],
+       "soup": ["method.adapt.ingredients=2"]}
 QUICK = {"zeroshot", "lp", "ct", "ct_robust"}  # the default run; `-m slow` runs them all
 
 
