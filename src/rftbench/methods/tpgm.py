@@ -13,7 +13,7 @@ gradient reaches w_proj only through the ratio relu(r) / (n + 1e-8) (the deviati
 detached), and before each use r is clipped in place: r <= 0 -> 1e-8, and r above every row's
 norm (ratio > 1 everywhere) -> max n. The first projection of a tensor starts r at min(n) / 2.
 
-Status: only the math is implemented here (the training method is not yet; see /tmp/docs/tpgm.md).
+Status: only the math is implemented here; the training methods (tpgm, tpgm_posthoc) are not yet.
 """
 from __future__ import annotations
 
