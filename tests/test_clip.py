@@ -23,14 +23,19 @@ TINY_CFG = {"embed_dim": 64, "quick_gelu": True,
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
+def register_tiny_clip(tmp_path_factory, name: str, cfg: dict) -> str:
+    """Register an open_clip model config `name` (random weights, no download); returns the name."""
     import json
 
-    path = tmp_path_factory.mktemp("open_clip") / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CFG))
+    path = tmp_path_factory.mktemp("open_clip") / f"{name}.json"
+    path.write_text(json.dumps(cfg))
     open_clip.add_model_config(path)
-    return TINY
+    return name
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    return register_tiny_clip(tmp_path_factory, TINY, TINY_CFG)
 
 
 def named_suite(names=NAMES, upstream: str = "toy", upstream_classes=None) -> Suite:

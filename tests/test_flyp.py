@@ -1,7 +1,6 @@
 """FLYP: the loss is open_clip's ClipLoss, the head is the tuned towers' zero-shot head, both towers train."""
 from __future__ import annotations
 
-import json
 import random
 
 import open_clip
@@ -24,10 +23,9 @@ NAMES = ["cat", "dog", "airplane"]
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("open_clip") / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(path)
-    return TINY
+    from test_clip import register_tiny_clip
+
+    return register_tiny_clip(tmp_path_factory, TINY, TINY_CFG)
 
 
 def toy_suite() -> Suite:

@@ -23,9 +23,10 @@ from torch import nn
 
 
 def mars_norm(delta: torch.Tensor) -> float:
-    """Maximum absolute row sum of `delta` reshaped to (delta.shape[0], -1) (a 1-D tensor: one row)."""
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    return float(rows.abs().sum(1).max()) if delta.numel() else 0.0
+    """MARS-SP's norm (`rftbench.methods.mars_sp.mars`) of `delta`, a 1-D tensor taken as one row."""
+    from rftbench.methods.mars_sp import mars
+
+    return float(mars(delta.reshape(1, -1) if delta.dim() < 2 else delta)) if delta.numel() else 0.0
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
