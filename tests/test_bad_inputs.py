@@ -140,3 +140,25 @@ def test_the_fixed_config_runs(make_cfg, method):
     fixed = ["eval.adversarial.threats=[{norm:L2,eps:0.5}]", "eval.adversarial.n=10", "eval.ece_bins=10"]
     assert execute(make_cfg(f"method={method}", "threads=1", *fixed)) == "done"
     assert math.isfinite(lb.build_all(make_cfg().paths.runs, ()).board.loc[0, "id_test_acc"])
+
+
+def test_an_unknown_timm_name_says_so_with_close_matches(make_cfg, tmp_path, no_training):
+    from rftbench.backbones import create_backbone, library_input_spec
+
+    for call in (lambda: library_input_spec("timm", "resnet5O"), lambda: create_backbone("resnet5O", pretrained=False)):
+        with pytest.raises(ValueError, match=r"timm has no model 'resnet5O' \(backbone.arch\); close matches: .*resnet50"):
+            call()
+    with pytest.raises(ValueError, match="timm has no model 'not_a_model'"):
+        execute(make_cfg("method=lp", "backbone=timm", "backbone.arch=not_a_model", "backbone.pretrained=false",
+                         experiment=None))
+    assert not (tmp_path / "runs").exists()  # rejected with the config, before any folder
+
+
+def test_a_cache_or_runs_path_that_is_a_file_is_one_clear_error(make_cfg, tmp_path, no_training):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for override, match in ((f"paths.cache={afile}", r"paths.cache \(\$RFTBENCH_CACHE\) = .*afile is a file"),
+                            (f"paths.cache={afile / 'sub'}", r"is under the file .*afile"),
+                            (f"paths.runs={afile / 'runs'}", r"paths.runs = .*is under the file")):
+        with pytest.raises(ConfigError, match=match):
+            execute(make_cfg("method=lp", override))

@@ -128,7 +128,7 @@ ALL = {"zeroshot": [], "lp": [], "ct": ["method.betas.values=[0.9]"], "ct_robust
        "ct_trainable": [], "levi": [],
        "rws": ["method.adapt.bn=keep", "method.adapt.coeffs=[0.0,1.0]", "method.adapt.alphas=[0.0,1.0]"],
        "l2sp": [], "mars_sp": [], "bitfit": [], "surgical": [], "surgical_rgn": [],
-       "soup": ["method.adapt.ingredients=2"]}
+       "soup": ["method.adapt.ingredients=2"], "tpgm": [], "tpgm_posthoc": ["method.adapt.max_iters=5"]}
 QUICK = {"zeroshot", "lp", "ct", "ct_robust"}  # the default run; `-m slow` runs them all
 
 

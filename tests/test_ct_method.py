@@ -343,7 +343,7 @@ def test_ct_robust_picks_the_most_robust_beta_where_clean_accuracy_is_flat():
     print(rob[["beta", "val_acc", "val_objective"]].to_string())
 
     pd.testing.assert_series_equal(rob["val_acc"], cln["val_acc"])
-    assert rob["val_acc"].max() - rob["val_acc"].min() <= 0.015  # clean val accuracy: flat
+    assert rob["val_acc"].max() - rob["val_acc"].min() <= 0.02  # clean val accuracy: flat (within 8 of 400 images)
     assert rob["val_objective"].max() - rob["val_objective"].min() >= 0.05  # robust val accuracy: not
     # select=clean is today's rule: best clean val accuracy, ties -> larger beta
     assert clean_run.info["beta"] == val_argmax(cln) == ct_method.choose(dict(zip(cln["beta"], cln["val_acc"])))

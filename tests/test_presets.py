@@ -13,8 +13,15 @@ from rftbench.plan import plan
 from rftbench.run import CONFIG_DIR, execute, run_folder
 
 PRESETS = {  # preset -> number of jobs of its sweep
-    "ct_transfer": 13 * 2 * 4 * 3, "ct_robustbench": 10 * 3, "ftp_domainnet": 2 * 10 * 3,
-    "rws_cifar10c": 3 * 3, "wiseft_imagenet": 5 * 3, "compare_all": 17 * 3,
+    "ct_transfer": 13 * 2 * 4 * 3, "ct_robustbench": 10 * 3, "ftp_domainnet": 2 * 11 * 3,
+    "rws_cifar10c": 3 * 3, "wiseft_imagenet": 6 * 3, "compare_all": 19 * 3,
+}
+DIGITS_METHODS = {"zeroshot", "lp", "ft", "lpft", "wise", "lora", "ftp", "ct", "ct_trainable", "levi", "rws", "l2sp",
+                  "mars_sp", "bitfit", "surgical", "surgical_rgn", "soup", "tpgm", "tpgm_posthoc"}
+METHODS = {  # preset -> the rows of its paper's table it must run
+    "ftp_domainnet": {"zeroshot", "lp", "ft", "l2sp", "mars_sp", "lpft", "tpgm", "ftp", "wise", "lora", "bitfit"},
+    "wiseft_imagenet": {"zeroshot", "ft", "wise", "flyp", "soup", "tpgm_posthoc"},
+    "rws_cifar10c": {"ft", "rws", "surgical"}, "compare_all": DIGITS_METHODS,
 }
 
 
@@ -60,6 +67,8 @@ def test_preset_composes_instantiates_and_plans(make_cfg, tmp_path, preset):
     table = plan([f"experiment={preset}", f"paths.runs={tmp_path / 'runs'}"])
     assert len(table) == PRESETS[preset] and set(table["status"]) == {"pending"}
     assert table["run_id"].is_unique  # every job is distinct work
+    if preset in METHODS:
+        assert set(table["method"]) == METHODS[preset]
     if preset == "ct_robustbench":  # the suite follows each zoo model's dataset
         assert set(table["suite"]) == {"cifar10", "cifar100"}
         assert all(r.backbone.split("/")[1] == r.suite for r in table.itertuples())
@@ -112,4 +121,12 @@ def test_compare_all_runs_end_to_end_on_tiny_cifar10(make_cfg, tmp_path, single_
         assert len(acc) and acc.between(0.0, 1.0).all()
     table = plan(["experiment=compare_all", *overrides, f"paths.runs={runs}"])
     done = table[table["status"] == "done"]
-    assert len(table) == 51 and sorted(done["method"]) == sorted(methods) and set(done["seed"]) == {0}
+    assert len(table) == 57 and sorted(done["method"]) == sorted(methods) and set(done["seed"]) == {0}
+
+
+def test_bench_and_bench_tuned_run_every_digits_method(tmp_path):
+    """make bench and experiment=bench_tuned: every method that runs on digits (all but FLYP)."""
+    table = plan(["experiment=bench", f"paths.runs={tmp_path / 'runs'}"])
+    assert set(table["method"]) == DIGITS_METHODS and len(table) == 3 * len(DIGITS_METHODS)
+    tuned = yaml.safe_load((Path(CONFIG_DIR) / "experiment" / "bench_tuned.yaml").read_text())
+    assert "bench" in tuned["defaults"] and "method" not in tuned["hydra"]["sweeper"]["params"]  # bench's methods

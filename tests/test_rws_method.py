@@ -45,8 +45,9 @@ def test_rws_run_end_to_end(make_cfg, monkeypatch):
     monkeypatch.setattr("rftbench.methods.ft.fit", lambda *a, **kw: folders.append(kw["checkpoint_key"]) or fit(*a, **kw))
     assert execute(cfg) == "done"
     path = run_folder(cfg).path
-    # each expert keeps its resume checkpoints apart (they all start from the same weights)
-    assert folders == ["finetune", "rws-speckle_noise", "rws-saturate"]
+    # each expert keeps its resume checkpoints apart (they all start from the same weights); the plain
+    # fine-tune may come from the session cache when an earlier test trained the same recipe
+    assert folders[-2:] == ["rws-speckle_noise", "rws-saturate"] and folders[:-2] in ([], ["finetune"])
     info = json.loads((path / "info.json").read_text())["info"]
     names = ["speckle_noise", "saturate"]  # the tiny preset's seen corruptions
     assert info["bn"] == "keep" and info["k"] == 3 and info["selection"] == "ood_val"
@@ -92,7 +93,7 @@ def test_rws_run_end_to_end(make_cfg, monkeypatch):
     experts = pd.read_csv(path / "rws_experts.csv")
     assert experts["expert"].tolist() == ["clean", *names]
     assert experts["select"].tolist() == ["val", *(f"ood_val/{c}" for c in names)]
-    assert experts["cached"].tolist() == [0, 0, 0]
+    assert experts["cached"].tolist() == [int(folders[0] != "finetune"), 0, 0]  # the clean one may be cached
 
     # other coefficient grids, same recipe: nothing is trained, the very same experts are signed;
     # with only coefficient 0 (bn=keep) the evaluated model is the clean fine-tuned model

@@ -7,6 +7,7 @@ parts (`normalize`, `body`, `head`) and on `features(x)`.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import socket
 import sys
@@ -92,6 +93,7 @@ def create_backbone(
     if pretrained and source in ("timm", "torchvision"):
         require_weights(name, source)
     if source == "timm":
+        require_timm_model(name)
         raw = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         split = _split_timm
         if mean is None or std is None:  # the library's preprocessing for this model
@@ -247,10 +249,19 @@ ROBUSTBENCH_INPUT = {"cifar10": InputSpec(32, "bilinear", 1.0), "cifar100": Inpu
                      "imagenet": InputSpec(224, "bilinear", 0.875)}
 
 
+def require_timm_model(arch: str) -> None:
+    """A clear error, with timm's closest names, when timm has no architecture `arch`."""
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else "; timm.list_models('<pattern>') lists them"
+        raise ValueError(f"timm has no model {arch!r} (backbone.arch){hint}")
+
+
 def library_input_spec(source: str, arch: str, kwargs: Mapping | None = None) -> InputSpec:
     """The input spec the library publishes for `arch`: timm's `pretrained_cfg`, torchvision's
     weights metadata (`DEFAULT` weights' transforms), RobustBench's per-dataset preprocessing."""
     if source == "timm":
+        require_timm_model(arch)
         cfg = timm.get_pretrained_cfg(arch)
         if cfg is None:
             raise ValueError(f"timm has no pretrained_cfg for {arch!r}; set backbone.input.{{size, interpolation, crop_pct}}")

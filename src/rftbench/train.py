@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,14 @@ def build_optimizer(optimizer: Callable, params: Sequence[nn.Parameter] | list[d
     return optimizer(params)
 
 
+class StepHook(Protocol):
+    """What `fit(after_step=...)` calls after every optimizer step, with a resumable state."""
+
+    def __call__(self, model: nn.Module) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -153,7 +161,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
         epochs: int, batch_size: int, scheduler: dict | None = None, params: list | None = None,
         checkpoint_key: str | None, exclude: Iterable[nn.Parameter] = (), loss_fn: Callable | None = None,
         forward: Callable | None = None, bn_eval: bool = False, label_smoothing: float = 0.0,
-        select: str = "val") -> FitResult:
+        select: str = "val", after_step: StepHook | None = None) -> FitResult:
     """Train `params` (default: every parameter that requires grad) and keep the best val epoch
     (`rftbench.selection`: ties -> the earlier epoch).
 
@@ -161,7 +169,9 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     run, e.g. "ft" or "rws-expert-fog"; None: no checkpoints), so that a requeued attempt of the run
     continues it. `forward(model, x)` returns what `loss_fn(out, y)` consumes (default: logits and
     cross-entropy); `bn_eval` keeps BatchNorm statistics frozen (frozen-backbone methods);
-    `select="last"` keeps the final epoch instead of the best val epoch.
+    `select="last"` keeps the final epoch instead of the best val epoch. `after_step(model)` runs
+    after every optimizer step (e.g. TPGM's projection); its `state_dict()` travels with the
+    checkpoints, so a resumed training continues it too.
     """
     if select not in ("val", "last"):
         raise ValueError(f"select must be 'val' or 'last', got {select!r}")
@@ -195,6 +205,8 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             sched.load_state_dict(saved["scheduler"])
             best = Running(saved["best_epoch"], saved["best_acc"], saved["best_state"], saved["epoch"])
             history, first, spent = saved["history"], saved["epoch"] + 1, saved["train_time_s"]
+            if after_step is not None:
+                after_step.load_state_dict(saved["after_step"])
             torch.set_rng_state(saved["rng"].cpu())
             if ctx.cuda and "cuda_rng" in saved:
                 torch.cuda.set_rng_state(saved["cuda_rng"].cpu())
@@ -215,6 +227,8 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step(model)
             sched.step()
             total += loss.detach().float()
         train_loss = float(total) / steps
@@ -238,6 +252,8 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
                      "train_time_s": spent + time.perf_counter() - t0}
             if ctx.cuda:
                 state["cuda_rng"] = torch.cuda.get_rng_state()
+            if after_step is not None:
+                state["after_step"] = after_step.state_dict()
             try:
                 with atomic_path(ckpt) as tmp:
                     torch.save(state, tmp)

@@ -150,6 +150,10 @@ def missing_file(path: str | Path, what: str, how: str) -> FileNotFoundError:
 def cache_root() -> Path:
     """Content-addressed artifact cache: $RFTBENCH_CACHE, default ~/.cache/rftbench."""
     root = Path(os.environ.get("RFTBENCH_CACHE", Path.home() / ".cache" / "rftbench"))
+    blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = "a file" if blocker == root else f"under the file {blocker}"
+        raise NotADirectoryError(f"the cache folder $RFTBENCH_CACHE = {root} is {what}; point it at a directory")
     root.mkdir(parents=True, exist_ok=True)
     return root
 

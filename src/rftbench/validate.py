@@ -5,7 +5,8 @@ Checked: the integer keys (`INTEGERS`), every evaluation key (`eval.*`: the atta
 tier and sizes, the batch size and the ECE bins), keys added with Hydra's `+` that the evaluation or
 the method's `adapt` function would ignore or reject only after training (unknown `eval.*` keys,
 compared with configs/eval/default.yaml; `method.adapt` keys that are not parameters of its
-`_target_`), and a backbone pre-training recipe set for a backbone without one. A `threads` value
+`_target_`), a backbone pre-training recipe set for a backbone without one, and cache / runs
+folders that are files (or under one). A `threads` value
 above the available cores is a warning, not an error (it runs, only slower)."""
 from __future__ import annotations
 
@@ -111,12 +112,34 @@ def _check_threads(cfg: DictConfig) -> None:
                     "slower (threads=null uses the available cores)", threads, cores)
 
 
+def _check_paths(cfg: DictConfig) -> None:
+    """paths.cache and paths.runs must be folders (or creatable): not a file, nor under one."""
+    for key, env in (("paths.cache", "RFTBENCH_CACHE"), ("paths.runs", None)):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        path = Path(str(value)).expanduser()
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            where = f"{key}{f' (${env})' if env else ''} = {path}"
+            what = "is a file" if blocker == path else f"is under the file {blocker}"
+            raise ConfigError(f"{where} {what}; it must be a folder: point it at a directory")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` for the first invalid value of `cfg`; warn about `threads` above the cores."""
     _check_integers(cfg)
+    _check_paths(cfg)
     _check_eval(cfg)
     _check_adapt(cfg)
     _check_threads(cfg)
+    if OmegaConf.select(cfg, "backbone.source", default=None) == "timm":
+        from rftbench.backbones import require_timm_model
+
+        try:
+            require_timm_model(str(cfg.backbone.arch))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     pretrain = OmegaConf.select(cfg, "backbone.pretrain", default=None)
     if pretrain is not None and "_target_" not in pretrain:
         keys = ", ".join(f"backbone.pretrain.{k}" for k in pretrain)

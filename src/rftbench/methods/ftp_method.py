@@ -36,5 +36,6 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callab
         raise ValueError("method=ftp needs method.adapt.optimizer to be rftbench.methods.ftp.FTPAdamW or FTPSGD")
     table = gammas(model, res.optimizer)
     adapted.tables["gamma"] = table
-    adapted.info["mean_gamma"] = float(table["gamma"].mean()) if len(table) else float("nan")
+    if len(table):  # no projected tensor (all excluded): no mean to report, rather than a NaN
+        adapted.info["mean_gamma"] = float(table["gamma"].mean())
     return adapted
