@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import open_clip
+import pandas as pd
 import pytest
 import torch
 from open_clip.loss import ClipLoss
@@ -111,3 +112,23 @@ def test_adapt_with_the_config_on_a_tiny_clip(make_cfg, single_thread, tiny_clip
     torch.testing.assert_close(adapted.model.head.weight, ref.weight)
     acc = (adapted.model(suite.val.x).argmax(1) == suite.val.y).float().mean().item()
     assert acc == pytest.approx(adapted.val_acc)
+
+
+def test_flyp_runs_end_to_end_through_the_runner_on_digits(make_cfg, single_thread, tiny_clip):
+    """`method=flyp` from the command-line config on the digits suite (its class names "0".."9") with
+    a tiny random CLIP: done, evaluated, and the head is the tuned text tower's."""
+    import json
+
+    from rftbench.run import execute, run_folder
+
+    cfg = make_cfg("method=flyp", "backbone=clip", f"backbone.arch={tiny_clip}", "backbone.pretrained_tag=null",
+                   "backbone.pretrained=false", "backbone.input.size=32", "budget.epochs=1", "budget.batch_size=16",
+                   "suite.build.train_per_class=5", "suite.build.typed.n=60", "suite.build.corruption.n=20",
+                   "suite.build.corruption.names=[fog]", "suite.build.corruption.severities=[1]",
+                   "suite.build.seen_corruptions.names=[]", "eval.adversarial.enabled=false", experiment=None)
+    assert execute(cfg) == "done"
+    path = run_folder(cfg).path
+    m = pd.read_csv(path / "metrics.csv")
+    assert {"test", "ood/corruption/fog/1"} <= set(m["split"])
+    info = json.loads((path / "info.json").read_text())["info"]
+    assert info["best_epoch"] == 1

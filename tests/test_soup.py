@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from rftbench.methods import soup
 from rftbench.run import execute, run_folder
@@ -21,6 +22,12 @@ def test_greedy_takes_ingredients_that_do_not_drop_val():
     # soup val acc as a function of the set: 2 helps, 1 hurts, 3 keeps it equal (taken)
     table = {(0,): 0.6, (0, 2): 0.7, (0, 1, 2): 0.5, (0, 2, 3): 0.7}
     assert soup.greedy([0, 2, 1, 3], lambda idx: table[tuple(sorted(idx))]) == [0, 2, 3]
+
+
+def test_ingredient_search_is_fts_search(make_cfg):
+    soup_search = [dict(s) for s in make_cfg("method=soup").method.adapt.ingredient_search]
+    assert soup_search == [dict(s) for s in OmegaConf.to_container(make_cfg("method=ft").method.search)]
+    assert len(soup_search) == 2
 
 
 def test_ingredient_draws_equal_ft_draws(make_cfg):

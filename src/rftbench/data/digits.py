@@ -96,7 +96,8 @@ def build_digits(*, seed: int, train_per_class: int | None, val_fraction: float,
             "n_test": len(test_idx), "n_typed": typed["n"], "n_corruption": len(sub),
             "seen_corruptions": list(seen["names"]), "seen_severity": seen["severity"],
             "seen_seed": seen["seed"], "upstream": "glyphs", "image_size": image_size}
-    return Suite("digits", 10, splits, upstream_classes=DIGIT_CLASSES, meta=meta)
+    return Suite("digits", 10, splits, upstream_classes=DIGIT_CLASSES, meta=meta,
+                 class_names=[str(d) for d in range(10)])  # for CLIP's zero-shot head and FLYP's captions
 
 
 @config_target("backbone.pretrain")
