@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from rftbench import leaderboard as lb
 from rftbench import train
@@ -85,10 +87,24 @@ def test_missing_runs_folder_and_uncreatable_out(two_seeds, tmp_path):
 
 @pytest.fixture
 def no_training(monkeypatch):
+    """`rftbench.train.fit` fails, also where a method module bound it by name (every method module is
+    imported first, so that none binds the failing stand-in for later tests)."""
+    import importlib
+    import pkgutil
+    import sys
+
+    import rftbench.methods
+
+    for info in pkgutil.iter_modules(rftbench.methods.__path__):
+        importlib.import_module(f"rftbench.methods.{info.name}")
+
     def fail(*args, **kwargs):
         raise AssertionError("trained despite a bad config")
 
-    monkeypatch.setattr(train, "fit", fail)
+    real = train.fit
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("rftbench") and getattr(mod, "fit", None) is real:
+            monkeypatch.setattr(mod, "fit", fail)
 
 
 BAD = [  # overrides -> the key the error must name
@@ -162,3 +178,176 @@ def test_a_cache_or_runs_path_that_is_a_file_is_one_clear_error(make_cfg, tmp_pa
                             (f"paths.runs={afile / 'runs'}", r"paths.runs = .*is under the file")):
         with pytest.raises(ConfigError, match=match):
             execute(make_cfg("method=lp", override))
+
+
+def test_an_attack_subset_larger_than_the_test_classes_allow_fails_before_training(make_cfg, tmp_path, no_training):
+    cfg = make_cfg("method=ft", "eval.adversarial.n=5000")
+    with pytest.raises(ConfigError, match=r"eval.adversarial.n=5000 takes 500 test images of each of the 10 classes, "
+                                          r"and class \d has \d+: set eval.adversarial.n <= \d+"):
+        execute(cfg)
+    assert not list((tmp_path / "runs").rglob("done"))
+    assert execute(make_cfg("method=lp", "eval.adversarial.n=20")) == "done"  # the fixed input runs
+
+
+def test_a_suite_without_val_images_fails_before_training(make_cfg, tmp_path, no_training, monkeypatch):
+    from rftbench import run as runner
+
+    build = runner.build_suite
+
+    def without_val(cfg, ctx):
+        suite = build(cfg, ctx)
+        suite.splits.pop("val")
+        return suite
+    monkeypatch.setattr(runner, "build_suite", without_val)
+    with pytest.raises(ConfigError, match=r"suite digits built no val split with images .*suite.build.val_fraction"):
+        execute(make_cfg("method=ft"))
+    assert not list((tmp_path / "runs").rglob("done"))
+
+
+def test_classes_without_training_images_are_a_warning(make_cfg, caplog, monkeypatch):
+    from rftbench import run as runner
+
+    build = runner.build_suite
+
+    def drop_class_3(cfg, ctx):
+        suite = build(cfg, ctx)
+        keep = torch.nonzero(suite.train.y != 3).flatten()
+        suite.splits["train"] = suite.train.subset(keep)
+        return suite
+    monkeypatch.setattr(runner, "build_suite", drop_class_3)
+    with caplog.at_level(logging.WARNING, logger="rftbench"):
+        assert execute(make_cfg("method=lp")) == "done"
+    assert "1 of 10 classes have no training image (3)" in caplog.text
+
+
+def test_plan_reports_a_bad_choice_in_one_message(tmp_path, capsys):
+    from rftbench.plan import main as plan_main
+
+    with pytest.raises(SystemExit) as exc:
+        plan_main(["method=lp,fft", f"paths.runs={tmp_path}"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and "Could not find 'method/fft'" in err and "Traceback" not in err
+
+
+def test_file_lock_serialises_and_runs_unlocked_where_it_cannot_lock(tmp_path):
+    import threading
+    import time
+
+    from rftbench.utils import file_lock
+
+    order = []
+
+    def worker(name):
+        with file_lock(tmp_path / "x.lock") as held:
+            assert held
+            order.append(f"{name}+")
+            time.sleep(0.2)
+            order.append(f"{name}-")
+    threads = [threading.Thread(target=worker, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert order == ["a+", "a-", "b+", "b-"]  # never both inside
+    (tmp_path / "afile").write_text("")
+    with file_lock(tmp_path / "afile" / "x.lock") as held:  # cannot be created: the block still runs
+        assert held is False
+
+
+def test_an_input_error_is_one_console_line_and_error_txt_keeps_the_traceback(tmp_path, cache_dir):
+    import subprocess
+    import sys
+
+    def run(*overrides):
+        cmd = [sys.executable, "-m", "rftbench.run", f"paths.runs={tmp_path / 'runs'}",
+               f"paths.cache={cache_dir}", "tracking.enabled=false", *overrides]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    bad = run("experiment=tiny", "method=lp", "eval.batch_size=0")  # rejected with the config: no folder
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr + bad.stdout
+    assert bad.stderr.strip().splitlines() == ["Error: ConfigError: eval.batch_size must be an integer >= 1, got 0"]
+    missing = run("method=lp", "suite=cifar10", "backbone=resnet18", "backbone.pretrained=false",
+                  f"paths.data={tmp_path / 'nothing'}")  # fails in the run folder: the log line names error.txt
+    out = missing.stderr + missing.stdout
+    assert missing.returncode == 1 and "Traceback" not in out
+    line = next(ln for ln in out.splitlines() if "failed: FileNotFoundError" in ln)
+    error_txt = Path(line.rsplit("(details: ", 1)[1].rstrip(")"))
+    assert "Traceback" in error_txt.read_text() and not list((tmp_path / "runs").rglob("done"))
+
+
+def test_a_checkpoint_of_another_architecture_is_one_line_with_counts(tmp_path):
+    import timm
+
+    from rftbench.backbones import CheckpointError, create_backbone
+
+    path = tmp_path / "r50.pt"
+    torch.save(timm.create_model("resnet50", num_classes=10).state_dict(), path)
+    with pytest.raises(CheckpointError) as exc:
+        create_backbone("resnet18", num_classes=10, checkpoint=str(path))
+    msg = str(exc.value)
+    assert msg.startswith(f"backbone.checkpoint={path} does not fit the backbone ResNet: ")
+    assert "unexpected keys (e.g. " in msg and "keys of another shape (e.g. " in msg and "\n" not in msg
+    assert len(msg) < 800  # not PyTorch's dump of every key
+
+
+def test_a_pickle_refused_by_the_safe_loader_names_backbone_checkpoint(tmp_path):
+    from rftbench.backbones import CheckpointError, load_state
+
+    path = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(2, 2), path)  # a pickled module, not a state dict
+    with pytest.raises(CheckpointError, match=rf"backbone.checkpoint={path} is refused by "
+                                              r"torch.load\(weights_only=True\).*state dict alone"):
+        load_state(path)
+
+
+def test_a_zero_shot_head_from_a_checkpoint_with_too_few_classes_names_head_init(make_cfg, tmp_path, no_training):
+    import timm
+
+    path = tmp_path / "five_classes.pt"
+    torch.save(timm.create_model("resnet10t", num_classes=5, channels=(32, 64, 128, 256), stem_width=16).state_dict(),
+               path)
+    with pytest.raises(ValueError, match=r"has 5 outputs .*Use suite.head_init=random"):
+        execute(make_cfg("method=lp", f"backbone.checkpoint={path}"))
+    assert execute(make_cfg("method=lp", f"backbone.checkpoint={path}", "suite.head_init=random")) == "done"
+
+
+def _ft_then_wise_on(make_cfg, cache: Path) -> None:
+    for method in ("ft", "wise"):
+        cfg = make_cfg(f"method={method}", "budget.epochs=1", "method.adapt.alphas=[0.0,1.0]" if method == "wise"
+                       else "seed=0", f"paths.cache={cache}")
+        assert execute(cfg) == "done"
+
+
+def test_an_unwritable_cache_computes_without_storing(make_cfg, tmp_path, monkeypatch, caplog):
+    """Every write to the cache refused (EROFS): the runs compute what they need, warn, finish."""
+    import errno
+
+    from rftbench import utils
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(utils, "save_tensors_atomic", refuse)
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="rftbench"):
+        _ft_then_wise_on(make_cfg, cache)
+    assert "is not writable (Read-only file system): computing without storing" in caplog.text
+    assert not list(cache.rglob("*.safetensors"))
+
+
+def test_a_read_only_bind_mounted_cache_works(make_cfg, tmp_path, caplog):
+    """A real read-only file system (a bind mount; needs root and mount rights, else skipped)."""
+    import subprocess
+
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(src), str(ro)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root and mount rights)")
+    try:
+        with caplog.at_level(logging.WARNING, logger="rftbench"):
+            _ft_then_wise_on(make_cfg, ro)
+        assert "Read-only file system" in caplog.text
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -113,6 +114,21 @@ def test_openmp_threads_yield():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "PASSIVE"
+
+
+def test_cpu_kernels_are_pinned_to_avx2_unless_the_user_chose():
+    """Importing rftbench selects the AVX2 kernels of ATen, oneDNN and MKL (the same on every AVX2
+    x86-64 CPU); a value the user set is kept."""
+    code = ("import os, rftbench, torch; print(os.environ['ATEN_CPU_CAPABILITY'], os.environ['ONEDNN_MAX_CPU_ISA'], "
+            "os.environ['MKL_CBWR'], torch.backends.cpu.get_cpu_capability())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out[:3] == ["avx2", "AVX2", "AVX2"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert out[3] in ("AVX2", "DEFAULT")  # DEFAULT on a CPU without AVX2
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "ATEN_CPU_CAPABILITY": "default"}).stdout.split()
+    assert out[0] == "default" and out[3] == "DEFAULT"
 
 
 def _board(path: Path, changes: dict | None = None) -> Path:

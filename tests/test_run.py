@@ -100,3 +100,19 @@ def test_zeroshot_head_is_the_upstream_digit_rows(make_cfg):
     up = load_state(ckpt)
     assert torch.equal(model.head.weight, up["head.weight"][DIGIT_CLASSES])
     assert model.head.out_features == 10 and model.head_origin == "zeroshot"
+
+
+def test_converged_unless_the_last_epoch_beats_every_earlier_one_by_more_than_one_val_image():
+    from rftbench.train import FitResult
+
+    def result(accs, n_val=200):
+        hist = [{"epoch": i + 1, "val_acc": a} for i, a in enumerate(accs)]
+        best = max(range(len(accs)), key=lambda i: (accs[i], -i)) + 1  # ties -> the earlier epoch
+        return FitResult(best, max(accs), hist, n_val=n_val)
+
+    assert result([0.5, 0.9, 0.8]).converged                 # best before the end
+    assert result([0.5, 0.9, 0.9]).converged                 # a tie goes to the earlier epoch
+    assert result([0.5, 0.900, 0.905]).converged             # +1 of 200 images at the end: noise
+    assert not result([0.5, 0.900, 0.910]).converged         # +2 images: still rising
+    assert not result([0.5, 0.900, 0.905], n_val=0).converged  # unknown val size: strict
+    assert result([0.7]).converged                           # one epoch

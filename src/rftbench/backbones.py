@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import pickle
 import socket
 import sys
 from dataclasses import dataclass
@@ -115,12 +116,12 @@ def create_backbone(
     if activation is not None:
         replace_activation(raw, nn.GELU, _activation(activation))
     if checkpoint is not None and not _is_classifier_state(checkpoint):
-        _load_raw(raw, load_state(checkpoint), source)
+        _load_raw(raw, load_state(checkpoint), source, f"backbone.checkpoint={checkpoint}")
         checkpoint = None
     body, head = split(raw)
     model = Classifier(body, head, Normalize(mean, std))
     if checkpoint is not None:
-        model.load_state_dict(load_state(checkpoint))
+        load_into(model, load_state(checkpoint), f"backbone.checkpoint={checkpoint}")
     return model
 
 
@@ -141,17 +142,43 @@ def replace_activation(model: nn.Module, old: type[nn.Module], new: type[nn.Modu
     return len(targets)
 
 
-def _load_raw(raw: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+class CheckpointError(ValueError):
+    """`backbone.checkpoint` cannot be used: refused by the safe loader, or of another architecture."""
+
+
+def mismatch(module: nn.Module, state: dict[str, torch.Tensor], examples: int = 3) -> str:
+    """How `state` does not fit `module`: counts (and a few names) of missing, unexpected and
+    other-shape keys; '' when it fits."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:examples])})"
+             for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                ("keys of another shape", shapes)) if keys]
+    return "; ".join(parts)
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """`module.load_state_dict(state)`, or one `CheckpointError` line naming `what` and the mismatch."""
+    problem = mismatch(module, state)
+    if problem:
+        raise CheckpointError(f"{what} does not fit the backbone {type(module).__name__}: {problem}; is it a "
+                              f"checkpoint of another architecture (backbone.arch) or with another head size?")
+    module.load_state_dict(state)
+
+
+def _load_raw(raw: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
     """Load a state dict of the library model; for timm, a checkpoint in the architecture's original
     layout (e.g. Microsoft's Swin releases) goes through timm's own `checkpoint_filter_fn`."""
-    try:
-        raw.load_state_dict(state)
-        return
-    except RuntimeError:
-        convert = getattr(sys.modules[type(raw).__module__], "checkpoint_filter_fn", None)
-        if source != "timm" or convert is None:
-            raise
-    raw.load_state_dict(convert(state, raw))
+    convert = getattr(sys.modules[type(raw).__module__], "checkpoint_filter_fn", None)
+    if mismatch(raw, state) and source == "timm" and convert is not None:
+        try:
+            state = convert(state, raw)
+        except Exception:  # not in the original layout either: report the mismatch of the file itself
+            pass
+    load_into(raw, state, what)
 class WeightsUnavailable(RuntimeError):
     """Pre-trained weights are neither cached nor downloadable (offline)."""
 
@@ -217,7 +244,13 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"backbone.checkpoint={path} is refused by torch.load(weights_only=True), which "
+                              f"loads tensors only: the file also holds Python objects ({why}). Save its state "
+                              f"dict alone (torch.save(model.state_dict(), f)) or as safetensors") from None
     if isinstance(state, dict):  # {"state_dict": ...} (Lightning, ...) or {"model": ...} (Swin, DeiT releases)
         return next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
     return state

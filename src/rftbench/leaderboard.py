@@ -437,7 +437,8 @@ def display_table(board: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
 NOTE = ("Mean ± standard error over n_seeds trial seeds (no ± for one seed or no spread); bold: the best of "
         "its suite and backbone, or within the standard error of the difference from it; (n=k): a value from "
         "only k of the row's seeds. †: in some trial "
-        "seed the best validation epoch was the last one (not converged within the budget).")
+        "seed the best validation epoch was the last one, more than one validation image above every earlier "
+        "epoch (still rising: not converged within the budget).")
 
 
 def provenance_note(board: pd.DataFrame) -> str:

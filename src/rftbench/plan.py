@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from hydra.types import RunMode
 
 from rftbench.identity import CONFIG_DIR
@@ -111,7 +113,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("-m", "--multirun", action="store_true", help="accepted and ignored (a plan is of a sweep)")
     ap.add_argument("--csv", help="also write the table to this CSV file")
     args = ap.parse_args(argv)
-    table = plan(args.overrides)
+    try:
+        table = plan(args.overrides)
+    except HydraException as exc:  # a bad choice or override: one message, as the runner prints it
+        print(f"Error: {exc}\n(rftbench.plan: nothing was planned)", file=sys.stderr)
+        raise SystemExit(1) from None
     if args.csv:
         table.to_csv(args.csv, index=False)
     print(report(table))

@@ -30,7 +30,7 @@ from rftbench.results import environment, run_folder
 from rftbench.summary import summary_block
 from rftbench.train import RunContext, count_params
 from rftbench.utils import apply_threads, resolve_device, seed_everything
-from rftbench.validate import validate_config
+from rftbench.validate import check_suite, validate_config
 
 log = logging.getLogger("rftbench")
 HEAD_INITS = ("auto", "zeroshot", "random")
@@ -88,6 +88,12 @@ def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:
                 f"Use suite.head_init=random")
         model = create_backbone(num_classes=_upstream_size(checkpoint),
                                 checkpoint=checkpoint, **spec)
+        rows = model.head.out_features
+        if max(suite.upstream_classes) >= rows:
+            raise ValueError(
+                f"the zero-shot head takes rows {min(suite.upstream_classes)}..{max(suite.upstream_classes)} of the "
+                f"pre-trained head, which has {rows} outputs (backbone.checkpoint={checkpoint}): the checkpoint "
+                f"was not trained on {suite.meta.get('upstream')!r}. Use suite.head_init=random")
         head = torch.nn.Linear(model.num_features, suite.num_classes)
         with torch.no_grad():
             head.weight.copy_(model.head.weight[suite.upstream_classes])
@@ -136,11 +142,17 @@ def execute(cfg: DictConfig) -> str:
         ctx = RunContext(device=device, seed=cfg.seed, cache_dir=Path(cfg.paths.cache),
                          run_dir=folder.path, eval_batch_size=cfg.eval.batch_size,
                          num_workers=resolve_workers(cfg.num_workers), spec=start_spec(cfg))
-        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only shared cache: entries are read, new ones not stored
+            from rftbench.utils import cache_unwritable
+
+            cache_unwritable(ctx.cache_dir / "x", exc)
         log.info("run %s: %s / %s / %s seed %d on %s", folder.run_id, cfg.suite.name, cfg.backbone.name,
                  cfg.method.name, cfg.seed, device)
         seed_everything(cfg.seed)
         suite = build_suite(cfg, ctx)
+        check_suite(cfg, suite)  # before the weights and any training
         model = build_model(cfg, suite, ctx)
         n_params, head_origin = count_params(model), model.head_origin
         start_weights = deviation.snapshot(model)
@@ -192,6 +204,7 @@ def execute(cfg: DictConfig) -> str:
         raise
     except Exception as exc:
         folder.fail(exc)
+        exc.error_file = folder.path / "error.txt"  # named by the one-line console report
         log.error("run %s failed: %s: %s (details: %s)", folder.run_id, type(exc).__name__, exc,
                   folder.path / "error.txt")
         raise

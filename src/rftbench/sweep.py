@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -164,6 +165,16 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors in the user's input (config values, data paths, a training that diverged at the chosen
+    lr) that a single run reports in one line; anything else keeps its traceback."""
+    from rftbench.backbones import CheckpointError
+    from rftbench.train import NonFiniteLossError
+    from rftbench.validate import ConfigError
+
+    return (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, NonFiniteLossError)
+
+
 def run_task(cfg: DictConfig, execute: Callable[[DictConfig], str]) -> str:
     """The Hydra task: draw hyper-parameters, claim a GPU, execute. A single run raises on failure;
     in a multirun the failure is already recorded in the run folder, the job returns 'failed' (or
@@ -173,6 +184,10 @@ def run_task(cfg: DictConfig, execute: Callable[[DictConfig], str]) -> str:
             return execute(job)
     except Exception as exc:
         if not _multirun():
+            if isinstance(exc, expected_errors()):  # the user's input: one line, the traceback in error.txt
+                if getattr(exc, "error_file", None) is None:  # else the runner's log line said it, with the path
+                    print(f"Error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
             raise
         if isinstance(exc, RunBusy):
             log.warning("%s", exc)

@@ -83,12 +83,18 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     train_time_s: float = 0.0
     optimizer: torch.optim.Optimizer | None = None
+    n_val: int = 0  # validation images behind val_acc
 
     @property
     def converged(self) -> bool:
-        """False when the best val epoch is the last one: val accuracy was still rising when the
-        budget ran out (one-epoch trainings count as converged)."""
-        return not self.history or len(self.history) < 2 or self.best_epoch < self.history[-1]["epoch"]
+        """False when val accuracy was still rising when the budget ran out: the best val epoch is the
+        last one and it beats every earlier epoch by more than one validation image (a one-image
+        step at the end of the schedule, where the learning rate is ~0, is noise, not progress).
+        One-epoch trainings count as converged."""
+        if len(self.history) < 2 or self.best_epoch < self.history[-1]["epoch"]:
+            return True
+        before = max(h["val_acc"] for h in self.history[:-1])
+        return self.n_val > 0 and self.history[-1]["val_acc"] - before <= 1.0 / self.n_val + 1e-9
 
 
 def set_bn_eval(model: nn.Module) -> nn.Module:
@@ -262,7 +268,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
                 ckpt = None
     model.load_state_dict(best.payload)
     model.eval()
-    return FitResult(best.candidate, best.score, history, spent + time.perf_counter() - t0, opt)
+    return FitResult(best.candidate, best.score, history, spent + time.perf_counter() - t0, opt, n_val=len(val))
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Small shared helpers: seeding, devices, hashing, the artifact cache, atomic writes."""
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import inspect
@@ -159,6 +160,31 @@ def cache_root() -> Path:
 
 
 @contextmanager
+def file_lock(path: str | Path) -> Iterator[bool]:
+    """Hold an exclusive advisory lock on `path` (created if needed) while the block runs, so that
+    concurrent jobs compute a shared cache entry once (the others wait, then read it). Yields whether
+    the lock is held: where it cannot be taken (a read-only cache, a file system without locks) the
+    block runs unlocked."""
+    import fcntl
+
+    try:
+        handle = open(path, "a")
+    except OSError:
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the same folder; on success it replaces `path` atomically."""
     path = Path(path)
@@ -201,11 +227,34 @@ def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_cached(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
+def cache_unwritable(path: str | Path, exc: OSError) -> None:
+    """Warn once per folder that the cache cannot be written (a read-only shared cache, a full disk):
+    what was computed is used, not stored."""
+    folder = str(Path(path).parent)
+    if folder not in _warned:
+        _warned.add(folder)
+        logging.getLogger("rftbench").warning(
+            "cache folder %s is not writable (%s): computing without storing (the run goes on; later runs "
+            "compute it again)", folder, exc.strerror or exc)
+
+
+def save_cached(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bool:
     """A cache entry: `tensors` written atomically with their content digest in the metadata, so
-    that `load_cached` can tell an intact entry from a truncated or garbled one."""
+    that `load_cached` can tell an intact entry from a truncated or garbled one. Returns False (after
+    one warning per folder) when the cache cannot be written."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_tensors_atomic(path, tensors, {**(metadata or {}), DIGEST_KEY: _content_digest(tensors)})
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_tensors_atomic(path, tensors, {**(metadata or {}), DIGEST_KEY: _content_digest(tensors)})
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        cache_unwritable(path, exc)
+        return False
+    return True
 
 
 def load_cached(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -232,7 +281,10 @@ def load_cached(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.
             _warned.add(str(path))
             logging.getLogger("rftbench").warning("corrupt cache entry %s (%s): deleted, rebuilding it",
                                                   path, problem)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only cache: leave it, rebuild in memory
+            cache_unwritable(path, exc)
         return None
     metadata.pop(DIGEST_KEY)
     return {k: v.to(device) for k, v in tensors.items()}, metadata

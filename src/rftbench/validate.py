@@ -6,8 +6,10 @@ tier and sizes, the batch size and the ECE bins), keys added with Hydra's `+` th
 the method's `adapt` function would ignore or reject only after training (unknown `eval.*` keys,
 compared with configs/eval/default.yaml; `method.adapt` keys that are not parameters of its
 `_target_`), a backbone pre-training recipe set for a backbone without one, and cache / runs
-folders that are files (or under one). A `threads` value
-above the available cores is a warning, not an error (it runs, only slower)."""
+folders that are files (or under one). A `threads` value above the available cores is a warning,
+not an error (it runs, only slower). `check_suite` runs right after the suite is built, before the
+weights and any training: the checks that need its splits (train / val / test present, the attack
+subset's images per class, classes without training images)."""
 from __future__ import annotations
 
 import inspect
@@ -147,3 +149,39 @@ def validate_config(cfg: DictConfig) -> None:
             f"{keys} set, but backbone {cfg.backbone.get('name')} has no pre-training recipe (backbone.pretrain "
             f"is null in its config); these keys come from an experiment preset for another backbone "
             f"(experiment=tiny is for backbone=digits_resnet): drop the preset or choose its backbone")
+
+
+def check_suite(cfg: DictConfig, suite) -> None:
+    """Checks that need the built suite, run before any training: a train, val and test split with
+    images (`ConfigError` naming the suite's size keys), enough test images of every class for the
+    class-balanced attack subset (naming `eval.adversarial.n`); classes without training images are a
+    warning."""
+    import torch
+
+    size_keys = ", ".join(f"suite.build.{k}" for k in (cfg.suite.get("build") or {})
+                          if any(w in str(k) for w in ("val", "test", "train", "per_class", "fraction")))
+    for name in ("train", "val", "test"):
+        if name not in suite.splits or len(suite.splits[name]) == 0:
+            raise ConfigError(f"suite {suite.name} built no {name} split with images (splits: {sorted(suite.splits)}); "
+                              f"every method trains on train, chooses on val and is scored on test: check "
+                              f"{size_keys or 'the suite config'} and the data folder")
+    counts = torch.bincount(torch.as_tensor(suite.train.labels).long(), minlength=suite.num_classes)
+    empty = [int(c) for c in torch.nonzero(counts == 0).flatten()]
+    if empty:
+        names = suite.class_names or []
+        shown = [f"{c} ({names[c]})" if c < len(names) and names[c] != str(c) else str(c) for c in empty[:10]]
+        log.warning("suite %s: %d of %d classes have no training image (%s%s); they can only be predicted "
+                    "through the pre-trained head", suite.name, len(empty), suite.num_classes, ", ".join(shown),
+                    ", ..." if len(empty) > 10 else "")
+    adv = cfg.eval.get("adversarial") or {}
+    if adv.get("enabled"):
+        n = int(adv["n"])
+        test = torch.bincount(torch.as_tensor(suite["test"].labels).long(), minlength=suite.num_classes)
+        present = test[test > 0]
+        per_class = n // len(present) if n >= len(present) else 1
+        if n >= len(present) and int(present.min()) < per_class:
+            worst = int(torch.nonzero(test == present.min()).flatten()[0])
+            fit = int(present.min()) * len(present)
+            raise ConfigError(f"eval.adversarial.n={n} takes {per_class} test images of each of the {len(present)} "
+                              f"classes, and class {worst} has {int(present.min())}: set eval.adversarial.n <= {fit} "
+                              f"(or eval.adversarial.enabled=false)")

@@ -10,6 +10,7 @@ corruptions, disjoint from the test ones, for shift-aware methods (RWS).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +23,7 @@ from rftbench.data import corruptions as C
 from rftbench.data import glyphs
 from rftbench.data.base import SEEN_KEYS, Split, Suite, balanced_subset, config_section, per_class, stratified_split
 from rftbench.progress import bar
-from rftbench.utils import cache_root, config_target, load_cached, save_cached, stable_hash
+from rftbench.utils import cache_root, config_target, file_lock, load_cached, save_cached, stable_hash
 
 log = logging.getLogger("rftbench")
 
@@ -108,8 +109,6 @@ def pretrain_glyphs(*, backbone: dict, n_train: int, epochs: int, batch_size: in
     held out). Deterministic; cached as safetensors under the cache root by content hash. The
     keywords are `backbone.pretrain` of configs/backbone/digits_resnet.yaml (defaults live there);
     `backbone` and `cache_dir` come from the runner."""
-    from rftbench.backbones import create_backbone
-
     held = tuple(fonts_held_out or glyphs.DEFAULT_HELD_OUT)
     fonts = [f for f in glyphs.available_fonts() if f not in held]
     spec = {"backbone": backbone, "n_train": n_train, "epochs": epochs, "batch_size": batch_size,
@@ -118,6 +117,21 @@ def pretrain_glyphs(*, backbone: dict, n_train: int, epochs: int, batch_size: in
     path = Path(cache_dir or cache_root()) / "upstream" / f"glyphs-{stable_hash(spec)}.safetensors"
     if load_cached(path) is not None:
         return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable cache: file_lock runs the block unlocked
+        pass
+    with file_lock(path.with_suffix(".lock")):  # parallel jobs: one pre-trains, the others wait for it
+        if load_cached(path) is not None:
+            return path
+        return _pretrain(path, spec, backbone, fonts, n_train=n_train, epochs=epochs, batch_size=batch_size,
+                         lr=lr, weight_decay=weight_decay, seed=seed, image_size=image_size)
+
+
+def _pretrain(path: Path, spec: dict, backbone: dict, fonts: list[str], *, n_train: int, epochs: int,
+              batch_size: int, lr: float, weight_decay: float, seed: int, image_size: int) -> Path:
+    from rftbench.backbones import create_backbone
+
     log.info("pre-training the glyph model (%d images, %d epochs) -> %s", n_train, epochs, path)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -144,5 +158,9 @@ def pretrain_glyphs(*, backbone: dict, n_train: int, epochs: int, batch_size: in
         log.info("upstream epoch %d/%d  loss %.3f  train_acc %.3f", epoch + 1, epochs, loss.item(),
                  correct / n_train)
     meta = {"spec": stable_hash(spec), "train_time_s": f"{time.perf_counter() - t0:.1f}"}
-    save_cached(path, model.state_dict(), metadata=meta)
+    if not save_cached(path, model.state_dict(), metadata=meta):  # a read-only cache: a private copy
+        from safetensors.torch import save_file
+
+        path = Path(tempfile.mkdtemp(prefix="rftbench-upstream-")) / path.name
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
