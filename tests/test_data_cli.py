@@ -78,3 +78,55 @@ def test_verify_stanford_cars_without_its_test_annotations(tmp_path, capsys):
     assert rows["stanford_cars/train"].startswith("found") and " 12/? " in rows["stanford_cars/train"]
     assert rows["stanford_cars/test"].startswith("missing") and "cannot download" in rows["stanford_cars/test"]
     assert "rftbench.data download" not in rows["stanford_cars/test"] and total == "1 found, 1 missing, 0 incomplete"
+
+
+def test_verify_recognises_a_flat_imagenet_val_and_says_how_to_sort_it(tmp_path, capsys):
+    import shutil
+
+    from test_imagenet import write_images
+
+    write_imagenet(tmp_path, val_per_class=2)
+    val = tmp_path / "imagenet/val"
+    shutil.rmtree(val)
+    write_images(val, 5)  # ILSVRC2012_val_*.JPEG straight in val/, as the official tarball unpacks
+    rc, rows, total = checks(capsys, "suite=imagenet", f"paths.data={tmp_path}", "suite.build.corruptions=[]")
+    assert rc == 1 and rows["test"].startswith("unsorted") and "one folder per synset" in rows["test"]
+    assert total.endswith(", 1 unsorted")
+
+
+def test_hidden_folders_and_appledouble_files_are_not_data(tmp_path, capsys):
+    from test_imagenet import WNIDS, build, write_images
+
+    write_imagenet(tmp_path, val_per_class=2)
+    wnid = WNIDS[0]
+    (tmp_path / "imagenet/val/.ipynb_checkpoints").mkdir()          # a hidden folder: not a class
+    (tmp_path / "imagenet/val" / wnid / "._img_0.JPEG").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble
+    write_images(tmp_path / "imagenet/train" / ".hidden", 1)
+    suite = build(tmp_path)  # before: "folders ['.ipynb_checkpoints'] are not classes of this dataset"
+    assert len(suite["test"]) == 8  # 4 classes x 2, the ._ file not counted
+    rc, rows, _ = checks(capsys, "suite=imagenet", f"paths.data={tmp_path}", "suite.build.corruptions=[]")
+    assert "8/50000" in rows["test"]
+
+
+def test_an_unreadable_image_names_the_file(tmp_path):
+    import pytest
+    from PIL import Image
+
+    from rftbench.data.folders import ImageFileError, ImageFiles
+
+    good, cut, empty = tmp_path / "good.jpg", tmp_path / "cut.jpg", tmp_path / "empty.jpg"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(good)
+    cut.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])  # truncated JPEG
+    empty.write_bytes(b"")
+    files = ImageFiles([(str(good), 0), (str(cut), 1), (str(empty), 2)])
+    assert files[0][0].size == (32, 32)
+    for i, path in ((1, cut), (2, empty)):
+        with pytest.raises(ImageFileError, match=rf"cannot read image {path}: .*replace or remove the file"):
+            files[i]
+    # through a DataLoader worker (the streamed suites' path): still one line naming the file
+    import torch
+
+    loader = torch.utils.data.DataLoader(ImageFiles([(str(cut), 1)]), num_workers=1, collate_fn=lambda b: b)
+    with pytest.raises(ImageFileError) as exc:
+        next(iter(loader))
+    assert str(exc.value).startswith(f"cannot read image {cut}: ") and "\n" not in str(exc.value)

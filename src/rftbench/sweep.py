@@ -169,10 +169,11 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors in the user's input (config values, data paths, a training that diverged at the chosen
     lr) that a single run reports in one line; anything else keeps its traceback."""
     from rftbench.backbones import CheckpointError
+    from rftbench.data.folders import ImageFileError
     from rftbench.train import NonFiniteLossError
     from rftbench.validate import ConfigError
 
-    return (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, NonFiniteLossError)
+    return (ConfigError, CheckpointError, ImageFileError, FileNotFoundError, NotADirectoryError, NonFiniteLossError)
 
 
 def run_task(cfg: DictConfig, execute: Callable[[DictConfig], str]) -> str:

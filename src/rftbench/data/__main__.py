@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in checks:
         print(c.line())
     bad = [c for c in checks if c.status != "found"]
+    unsorted = sum(c.status == "unsorted" for c in bad)
     print(f"{len(checks) - len(bad)} found, {sum(c.status == 'missing' for c in bad)} missing, "
-          f"{sum(c.status == 'incomplete' for c in bad)} incomplete")
+          f"{sum(c.status == 'incomplete' for c in bad)} incomplete" + (f", {unsorted} unsorted" if unsorted else ""))
     return 1 if bad else 0
 
 

@@ -27,21 +27,42 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         path, label = self.samples[i]
-        with Image.open(path) as image:
-            return image.convert("RGB"), label
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), label
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated, empty or not an image
+            raise ImageFileError(f"cannot read image {path}: {type(exc).__name__}: {exc}; replace or remove "
+                                 f"the file (`rftbench data verify` lists the files of each split)") from None
+
+
+class ImageFileError(OSError):
+    """An image file of a suite cannot be decoded (truncated, empty, not an image): names the file.
+    Raised in a DataLoader worker, it comes back with the worker's traceback in its message; `str`
+    keeps the one line that names the file."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        start = text.rfind("cannot read image ")
+        return text[start:].splitlines()[0] if start >= 0 else text
+
+
+def hidden(name: str) -> bool:
+    """Hidden entries and macOS AppleDouble files (`.DS_Store`, `.ipynb_checkpoints`, `._x.JPEG`): never data."""
+    return name.startswith(".")
 
 
 def list_images(folder: str | Path) -> list[str]:
-    """Image files directly inside `folder`, sorted by name."""
+    """Image files directly inside `folder`, sorted by name (hidden and `._*` files ignored)."""
     with os.scandir(folder) as entries:
-        return sorted(e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        return sorted(e.path for e in entries if e.is_file() and not hidden(e.name)
+                      and e.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def class_folders(root: str | Path, class_index: dict[str, int]) -> list[tuple[str, int]]:
     """Samples of `root/<class>/<image>` for the class folders that exist, labelled by `class_index`
     (folders not in the index are an error: a wrong root or a foreign layout)."""
     root = Path(root)
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not hidden(p.name))
     unknown = [name for name in found if name not in class_index]
     if unknown:
         raise ValueError(f"{root}: folders {unknown[:5]} are not classes of this dataset "

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from rftbench.data.folders import IMAGE_EXTENSIONS
+from rftbench.data.folders import hidden, list_images
 
 
 @dataclass
 class Check:
     part: str
-    status: str        # found | missing | incomplete
+    status: str        # found | missing | incomplete | unsorted (flat ImageNet val)
     path: str
     found: int | None
     expected: int | None
@@ -31,12 +31,14 @@ class Check:
 
 
 def count_images(folder: Path) -> int:
-    """Image files in the class folders of `folder` (one level down)."""
-    n = 0
-    for sub in os.scandir(folder):
-        if sub.is_dir():
-            n += sum(1 for e in os.scandir(sub.path) if e.name.lower().endswith(IMAGE_EXTENSIONS))
-    return n
+    """Image files in the class folders of `folder` (one level down; hidden folders, hidden files and
+    macOS `._*` files are not data and are not counted)."""
+    return sum(len(list_images(sub.path)) for sub in os.scandir(folder) if sub.is_dir() and not hidden(sub.name))
+
+
+FLAT_VAL = ("the images lie directly in the folder (the official ILSVRC2012 val tarball's layout): sort them "
+            "into one folder per synset, e.g. torchvision.datasets.ImageNet(root, split='val') does it with the "
+            "devkit, or the widely used valprep.sh")
 
 
 def _counted(part: str, path: Path, found: int | None, expected: int | None, how: str) -> Check:
@@ -55,7 +57,11 @@ def verify_imagenet(build: Mapping) -> list[Check]:
     for key in wanted:
         part = imagenet.PARTS[key]
         path = root / part.path
-        out.append(_counted(key, path, count_images(path) if path.is_dir() else None, part.expected, part.source))
+        found = count_images(path) if path.is_dir() else None
+        if found == 0 and list_images(path):  # a flat val folder
+            out.append(Check(key, "unsorted", str(path), 0, part.expected, FLAT_VAL))
+            continue
+        out.append(_counted(key, path, found, part.expected, part.source))
     croot = Path(build["corruption_root"]) if build.get("corruption_root") else None
     for c in build["corruptions"]:
         for s in build["severities"]:
