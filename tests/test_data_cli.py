@@ -130,3 +130,21 @@ def test_an_unreadable_image_names_the_file(tmp_path):
     with pytest.raises(ImageFileError) as exc:
         next(iter(loader))
     assert str(exc.value).startswith(f"cannot read image {cut}: ") and "\n" not in str(exc.value)
+
+
+def test_verify_deep_decodes_every_file_and_names_the_unreadable_ones_with_their_split(tmp_path, capsys):
+    from test_imagenet import WNIDS
+
+    write_imagenet(tmp_path, val_per_class=2)
+    cut = tmp_path / "imagenet/val" / WNIDS[1] / "img_0.JPEG"
+    cut.write_bytes(cut.read_bytes()[:60])                       # truncated
+    empty = tmp_path / "imagenet-r" / WNIDS[2] / "img_1.jpg"
+    empty.write_bytes(b"")                                       # zero bytes
+    rc = main(["verify", "--deep", "suite=imagenet", f"paths.data={tmp_path}", "suite.build.corruptions=[]",
+               "suite.build.ood=[imagenet_r]", "suite.build.val_per_class=1", f"paths.cache={tmp_path / 'cache'}"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    lines = [ln for ln in out.splitlines() if ln.startswith("unreadable")]
+    assert len(lines) == 2 and out.rstrip().endswith("deep check: 2 unreadable image file(s)")
+    assert any(ln.split()[1] == "test" and str(cut) in ln for ln in lines)
+    assert any(ln.split()[1] == "ood/imagenet_r" and str(empty) in ln for ln in lines)

@@ -178,3 +178,41 @@ def download(suite_cfg: Mapping) -> list[str]:
         return [f"downloaded {build['dataset']} into {build['root']}; CIFAR-10-C / CIFAR-10.1 are not "
                 f"downloadable through torchvision: see `verify` for their sources"]
     return [f"suite {suite_cfg['name']}: torchvision cannot download it; `verify` names each part's source"]
+
+
+def image_files(dataset) -> list[str] | None:
+    """The image paths behind a streamed split's dataset (ImageFiles, or a Subset of one); None for
+    datasets of another kind."""
+    from torch.utils.data import Subset
+
+    from rftbench.data.folders import ImageFiles
+
+    if isinstance(dataset, Subset):
+        inner = image_files(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    if isinstance(dataset, ImageFiles):
+        return [path for path, _ in dataset.samples]
+    return None
+
+
+def unreadable_images(suite) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(split, path, error) of every image file of `suite` that PIL cannot decode (a full decode, as the
+    loader does), and the splits that were not checked (in memory, or another dataset kind)."""
+    from PIL import Image
+
+    bad, skipped, seen = [], [], set()
+    for name, split in suite.splits.items():
+        files = None if split.in_memory else image_files(split.dataset)
+        if files is None:
+            skipped.append(name)
+            continue
+        for path in files:
+            if path in seen:
+                continue
+            seen.add(path)
+            try:
+                with Image.open(path) as image:
+                    image.convert("RGB")
+            except Exception as exc:  # truncated, empty, not an image
+                bad.append((name, path, f"{type(exc).__name__}: {exc}"))
+    return bad, skipped
