@@ -148,3 +148,24 @@ def test_verify_deep_decodes_every_file_and_names_the_unreadable_ones_with_their
     assert len(lines) == 2 and out.rstrip().endswith("deep check: 2 unreadable image file(s)")
     assert any(ln.split()[1] == "test" and str(cut) in ln for ln in lines)
     assert any(ln.split()[1] == "ood/imagenet_r" and str(empty) in ln for ln in lines)
+
+
+def test_a_streamed_split_names_the_unreadable_file_and_its_split(tmp_path):
+    import pytest
+    from PIL import Image
+
+    from rftbench.data.base import Split, batches
+    from rftbench.data.folders import ImageFileError, ImageFiles
+
+    good, cut = tmp_path / "good.jpg", tmp_path / "cut.jpg"
+    Image.new("RGB", (8, 8)).save(good)
+    cut.write_bytes(good.read_bytes()[:40])
+    import torch
+    import torchvision.transforms.v2 as T
+
+    split = Split("ood/sketch", "ood", dataset=ImageFiles([(str(good), 0), (str(cut), 1)]),
+                  transform=T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)]))
+    for workers in (0, 1):
+        with pytest.raises(ImageFileError) as exc:
+            list(batches(split, 2, num_workers=workers))
+        assert str(exc.value).startswith(f"cannot read image {cut}: ") and str(exc.value).endswith("(split ood/sketch)")

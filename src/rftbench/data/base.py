@@ -104,15 +104,20 @@ class Transformed(Dataset):
     """`dataset` with a per-image transform; a key `(i, seed)` runs the transform under
     `torch.manual_seed(seed)` (seeded augmentation, independent of the worker that loads it)."""
 
-    def __init__(self, dataset: Dataset, transform: Callable | None):
-        self.dataset, self.transform = dataset, transform
+    def __init__(self, dataset: Dataset, transform: Callable | None, split: str = ""):
+        self.dataset, self.transform, self.split = dataset, transform, split
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
+        from rftbench.data.folders import ImageFileError
+
         i, seed = key
-        x, y = self.dataset[i]
+        try:
+            x, y = self.dataset[i]
+        except ImageFileError as exc:  # name the split too
+            raise ImageFileError(f"{exc} (split {self.split})") from None
         if self.transform is not None:
             if seed is None:
                 x = self.transform(x)
@@ -153,7 +158,7 @@ def _loader(split: Split, batch_size: int, augment: bool, num_workers: int, pin:
     persistent = num_workers > 0 and split.role in ("train", "val")
     transform = split.train_transform if augment else split.transform
     extra = dict(persistent_workers=persistent, prefetch_factor=4) if num_workers > 0 else {}
-    loader = DataLoader(Transformed(split.dataset, transform), batch_size=batch_size,
+    loader = DataLoader(Transformed(split.dataset, transform, split.name), batch_size=batch_size,
                         sampler=SeededOrder(len(split.dataset)), num_workers=num_workers, pin_memory=pin, **extra)
     if persistent or num_workers == 0:
         split._loaders[key] = loader

@@ -42,7 +42,7 @@ class ImageFileError(OSError):
 
     def __str__(self) -> str:
         text = super().__str__()
-        start = text.rfind("cannot read image ")
+        start = text.rfind("cannot read image ")  # the last line: the message (source lines come first)
         return text[start:].splitlines()[0] if start >= 0 else text
 
 
