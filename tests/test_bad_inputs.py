@@ -351,3 +351,15 @@ def test_a_read_only_bind_mounted_cache_works(make_cfg, tmp_path, caplog):
         assert "Read-only file system" in caplog.text
     finally:
         subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_imagenet_with_val_per_class_0_names_the_key_before_training(make_cfg, tmp_path):
+    from test_imagenet import build, write_imagenet
+
+    from rftbench.validate import check_suite
+
+    write_imagenet(tmp_path, val_per_class=2)
+    suite = build(tmp_path, val_per_class=0)  # the builder itself accepts it: no val split
+    cfg = make_cfg("suite=imagenet", "backbone=resnet18", "suite.build.val_per_class=0", experiment=None)
+    with pytest.raises(ConfigError, match=r"suite imagenet built no val split with images .*suite.build.val_per_class"):
+        check_suite(cfg, suite)
