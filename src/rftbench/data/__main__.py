@@ -49,16 +49,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def deep_check(cfg, missing: bool) -> int:
     """Build the suite as a run does and decode every image file; 1 if any cannot be read."""
-    from pathlib import Path
+    from hydra.utils import call
 
     from rftbench.data.verify import unreadable_images
-    from rftbench.run import build_suite
-    from rftbench.train import RunContext
 
     if missing:
         print("deep check skipped: parts are missing (fix them first)")
         return 1
-    suite = build_suite(cfg, RunContext(cache_dir=Path(cfg.paths.cache)))
+    suite = call(cfg.suite.build, seed=cfg.seed, cache_dir=str(cfg.paths.cache))  # the files a run reads
     bad, skipped = unreadable_images(suite)
     for split, path, why in bad:
         print(f"unreadable {split:<32} {path}  ({why})")
