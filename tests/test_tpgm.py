@@ -53,7 +53,7 @@ import json  # noqa: E402
 import pandas as pd  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rftbench.data.base import Split  # noqa: E402
+from rftbench.data.base import Split, stratified_split  # noqa: E402
 from rftbench.methods import ft, tpgm  # noqa: E402
 from rftbench.run import execute, run_folder  # noqa: E402
 from rftbench.train import RunContext, fit  # noqa: E402
@@ -71,13 +71,13 @@ def _data(n: int = 48, seed: int = 0) -> Split:
     return Split("train", "train", x=x, y=(x[:, 0] > 0).long() + (x[:, 1] > 0).long())
 
 
-def test_split_fraction_is_stratified_disjoint_and_seeded():
+def test_held_out_split_is_stratified_disjoint_and_seeded():
     y = torch.tensor([0] * 10 + [1] * 20 + [2] * 2 + [3])
-    rest, held = tpgm.split_fraction(y, 0.1, seed=3)
+    rest, held = stratified_split(y, 0.1, seed=3, keep_one=True)
     assert set(rest.tolist()).isdisjoint(held.tolist()) and len(rest) + len(held) == len(y)
     assert [int((y[held] == c).sum()) for c in range(4)] == [1, 2, 1, 0]  # a class's last example stays
-    again = tpgm.split_fraction(y, 0.1, seed=3)
-    assert torch.equal(again[1], held) and not torch.equal(tpgm.split_fraction(y, 0.1, seed=4)[1], held)
+    again = stratified_split(y, 0.1, seed=3, keep_one=True)
+    assert torch.equal(again[1], held) and not torch.equal(stratified_split(y, 0.1, seed=4, keep_one=True)[1], held)
 
 
 def test_first_projection_starts_every_radius_at_half_the_smallest_norm():

@@ -147,7 +147,7 @@ def execute(cfg: DictConfig) -> str:
         except OSError as exc:  # a read-only shared cache: entries are read, new ones not stored
             from rftbench.utils import cache_unwritable
 
-            cache_unwritable(ctx.cache_dir / "x", exc)
+            cache_unwritable(ctx.cache_dir, exc)
         log.info("run %s: %s / %s / %s seed %d on %s", folder.run_id, cfg.suite.name, cfg.backbone.name,
                  cfg.method.name, cfg.seed, device)
         seed_everything(cfg.seed)

@@ -148,10 +148,17 @@ def missing_file(path: str | Path, what: str, how: str) -> FileNotFoundError:
     return FileNotFoundError(f"{what} not found: expected {path}. {how}")
 
 
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """`folder` itself or its nearest existing ancestor when that is not a directory (a regular file
+    where a folder must be), else None."""
+    folder = Path(folder).expanduser()
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def cache_root() -> Path:
     """Content-addressed artifact cache: $RFTBENCH_CACHE, default ~/.cache/rftbench."""
     root = Path(os.environ.get("RFTBENCH_CACHE", Path.home() / ".cache" / "rftbench"))
-    blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    blocker = file_in_the_way(root)
     if blocker is not None:
         what = "a file" if blocker == root else f"under the file {blocker}"
         raise NotADirectoryError(f"the cache folder $RFTBENCH_CACHE = {root} is {what}; point it at a directory")
@@ -230,10 +237,10 @@ def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 
-def cache_unwritable(path: str | Path, exc: OSError) -> None:
+def cache_unwritable(folder: str | Path, exc: OSError) -> None:
     """Warn once per folder that the cache cannot be written (a read-only shared cache, a full disk):
     what was computed is used, not stored."""
-    folder = str(Path(path).parent)
+    folder = str(folder)
     if folder not in _warned:
         _warned.add(folder)
         logging.getLogger("rftbench").warning(
@@ -252,7 +259,7 @@ def save_cached(path: str | Path, tensors: dict[str, torch.Tensor], metadata: di
     except OSError as exc:
         if exc.errno not in UNWRITABLE:
             raise
-        cache_unwritable(path, exc)
+        cache_unwritable(Path(path).parent, exc)
         return False
     return True
 
@@ -284,7 +291,7 @@ def load_cached(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:  # a read-only cache: leave it, rebuild in memory
-            cache_unwritable(path, exc)
+            cache_unwritable(Path(path).parent, exc)
         return None
     metadata.pop(DIGEST_KEY)
     return {k: v.to(device) for k, v in tensors.items()}, metadata

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rftbench.attacks import NORMS, TIERS
 from rftbench.identity import CONFIG_DIR
-from rftbench.utils import available_cores
+from rftbench.utils import available_cores, file_in_the_way
 
 log = logging.getLogger("rftbench")
 
@@ -121,7 +121,7 @@ def _check_paths(cfg: DictConfig) -> None:
         if value is None:
             continue
         path = Path(str(value)).expanduser()
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        blocker = file_in_the_way(path)
         if blocker is not None:
             where = f"{key}{f' (${env})' if env else ''} = {path}"
             what = "is a file" if blocker == path else f"is under the file {blocker}"

@@ -238,14 +238,22 @@ def config_section(name: str, value: dict, keys: tuple[str, ...]) -> dict:
     return dict(value)
 
 
-def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (rest, held) with round(fraction * class count) of each class held out, seeded."""
+def stratified_split(y: torch.Tensor, fraction: float, seed: int,
+                     keep_one: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (rest, held) with round(fraction * class count) of each class held out, seeded. With
+    `keep_one` (fraction in (0, 1)), every class with two or more examples has at least one held out
+    and keeps at least one."""
+    if keep_one and not 0.0 < fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    y = torch.as_tensor(y).long().cpu()
     gen = torch.Generator().manual_seed(seed)
     rest, held = [], []
     for c in torch.unique(y).tolist():
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
         k = int(round(fraction * len(idx)))
+        if keep_one:
+            k = min(max(k, 1), len(idx) - 1)
         held.append(idx[:k])
         rest.append(idx[k:])
     return torch.sort(torch.cat(rest)).values, torch.sort(torch.cat(held)).values

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rftbench.backbones import Classifier
-from rftbench.data.base import Split, Suite, batches
+from rftbench.data.base import Split, Suite, batches, stratified_split
 from rftbench.methods.base import Adapted, cached_training, unfreeze
 from rftbench.methods.wise import endpoints
 from rftbench.train import RunContext, accuracy_on, count_params, fit
@@ -91,23 +91,6 @@ def project_tensor(w: Tensor, w0: Tensor, radius: Tensor, norm: str) -> Tensor:
     clip_radius_(radius, norms)
     ratio = torch.clamp(torch.relu(radius) / (norms + EPS), 0.0, 1.0)
     return w0.detach() + (w - w0).detach() * ratio
-
-
-def split_fraction(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Sorted indices (rest, held): round(fraction * n_c) examples of every class c held out after a
-    seeded shuffle, at least one of each class with two or more examples, never a class's last one."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
-    y = torch.as_tensor(y).long().cpu()
-    gen = torch.Generator().manual_seed(seed)
-    rest, held = [], []
-    for c in torch.unique(y).tolist():
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        k = min(max(round(fraction * len(idx)), 1), len(idx) - 1)
-        held.append(idx[:k])
-        rest.append(idx[k:])
-    return torch.sort(torch.cat(rest)).values, torch.sort(torch.cat(held)).values
 
 
 class Projector:
@@ -257,7 +240,7 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, norm: str, proj_f
     """Fine-tune all of `model` with the TPGM projection after every step; radii on a held-out slice
     of train."""
     recipe = dict(recipe)
-    rest, held = split_fraction(suite.train.labels, holdout_fraction, holdout_seed)
+    rest, held = stratified_split(suite.train.labels, holdout_fraction, holdout_seed, keep_one=True)
     train_split = suite.train.subset(rest, name="train")
     radius_split = suite.train.subset(held, name="train/tpgm_holdout")
 
@@ -288,7 +271,7 @@ def adapt_posthoc(model: Classifier, suite: Suite, ctx: RunContext, *, recipe: d
     """One TPGM projection of the cached fine-tuning toward its start model, radii fitted on a seeded
     half of val; `val_acc` is the accuracy on the other half."""
     start, tuned, use_probe = endpoints(model, suite, ctx, recipe, probe_cfg, start_head)
-    sel_idx, fit_idx = split_fraction(suite.val.labels, 0.5, split_seed)
+    sel_idx, fit_idx = stratified_split(suite.val.labels, 0.5, split_seed, keep_one=True)
     fit_split = suite.val.subset(fit_idx, name="val/tpgm_radii")
     sel_split = suite.val.subset(sel_idx, name="val/tpgm_select")
     work = copy.deepcopy(tuned.model)
