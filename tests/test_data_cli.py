@@ -23,8 +23,9 @@ def test_verify_partial_imagenet_lists_exactly_what_is_missing(tmp_path, capsys)
     assert rows["test"].startswith("incomplete") and "8/50000" in rows["test"]
     assert rows["ood/imagenet_r"].startswith("incomplete") and "6/30000" in rows["ood/imagenet_r"]
     assert rows["ood/corruption/fog/1"].startswith("missing") and "zenodo" in rows["ood/corruption/fog/1"]
-    assert sorted(k for k, v in rows.items() if v.startswith("missing")) == ["ood/corruption/fog/1", "ood/imagenet_a"]
-    assert total == "0 found, 2 missing, 5 incomplete"
+    assert sorted(k for k, v in rows.items() if v.startswith("missing")) == ["ood/corruption/fog/1", "ood/imagenet_a",
+                                                                             "ood/objectnet"]
+    assert total == "0 found, 3 missing, 5 incomplete"
 
 
 def test_verify_domainnet_counts_from_split_files(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """suite=imagenet on a tiny tree in the releases' exact layouts (synset folders, V2's index folders,
-ImageNet-R/A's 200 synsets, ImageNet-Sketch's sketch/ folder)."""
+ImageNet-R/A's 200 synsets, ImageNet-Sketch's sketch/ folder, ObjectNet's release: test_objectnet.py),
+and its headline OOD mean over WiSE-FT's five shifts."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -11,7 +13,8 @@ import torch
 from PIL import Image
 
 from rftbench.data import imagenet
-from rftbench.evaluate import masked
+from rftbench.data.base import masked
+from rftbench.evaluate import summary_rows
 from test_suites import leaderboard_row, run_done
 
 I = Path(__file__).resolve().parents[1] / "src/rftbench/data"
@@ -66,7 +69,8 @@ def test_imagenet_splits_labels_masks_and_missing_parts(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="rftbench"):
         suite = build(tmp_path)
     warnings = [m for m in caplog.messages if "skipped" in m]
-    assert len(warnings) == 1 and str(tmp_path / "imagenet-a") in warnings[0]
+    assert len(warnings) == 2 and str(tmp_path / "imagenet-a") in warnings[0]
+    assert str(tmp_path / "objectnet-1.0") in warnings[1] and "objectnet.dev" in warnings[1]
     assert suite.num_classes == 1000 and len(suite.class_names) == 1000
     assert len(suite.train) == 12 and len(suite.val) == 4 and len(suite["test"]) == 8
     assert sorted(suite.val.labels.tolist()) == [0, 1, 2, 15]  # one of each class, standard indices
@@ -81,7 +85,7 @@ def test_imagenet_splits_labels_masks_and_missing_parts(tmp_path, caplog):
     assert r.class_mask == imagenet.subset_indices("r") and sorted(set(r.labels.tolist())) == [1, 2]
     assert len(suite["ood/imagenet_sketch"]) == 4
     assert "ood/imagenet_a" not in suite.splits
-    assert suite.meta["ood_missing"] == ["ood/imagenet_a"]
+    assert suite.meta["ood_missing"] == ["ood/imagenet_a", "ood/objectnet"]
     assert suite.meta["ood_evaluated"] == ["ood/imagenet_v2", "ood/imagenet_r", "ood/imagenet_sketch"]
     x, y = suite["test"].dataset[0]
     assert isinstance(x, Image.Image) and y == 0
@@ -107,9 +111,47 @@ def test_unknown_folder_is_a_clear_error(tmp_path):
         build(tmp_path)
 
 
+FIVE = ["ood/imagenet_v2", "ood/imagenet_r", "ood/imagenet_sketch", "ood/objectnet", "ood/imagenet_a"]
+
+
+def acc_rows(values: dict[str, float]) -> list[dict]:
+    return [{"split": s, "shift": "natural", "corruption": None, "severity": None, "metric": "acc", "value": v}
+            for s, v in values.items()]
+
+
+def test_headline_mean_is_over_exactly_the_declared_splits(caplog):
+    accs = dict(zip(FIVE, [0.7, 0.6, 0.5, 0.4, 0.3])) | {"ood/corruption/fog/1": 0.9}
+    rows = acc_rows(accs)
+    rows[-1].update(shift="corruption", corruption="fog", severity=1)
+    out = {(r["split"], r["metric"]): r for r in summary_rows(rows, FIVE)}
+    assert out["ood", "acc_mean"]["value"] == pytest.approx(0.5)  # ImageNet-C is not one of the five
+    assert json.loads(out["ood", "acc_mean"]["detail"]) == {"splits": FIVE, "missing": []}
+    assert out["ood/corruption", "acc_mean"]["value"] == pytest.approx(0.9)
+    assert out["ood", "acc_worst"]["value"] == pytest.approx(0.3)
+    # without a declared headline: the mean over the OOD splits and the corruption mean, as before
+    plain = {(r["split"], r["metric"]): r["value"] for r in summary_rows(rows)}
+    assert plain["ood", "acc_mean"] == pytest.approx((0.7 + 0.6 + 0.5 + 0.4 + 0.3 + 0.9) / 6)
+    # ObjectNet missing: no headline over four shifts; the mean of the four is named by its splits
+    four = [r for r in rows if r["split"] != "ood/objectnet"]
+    with caplog.at_level(logging.WARNING, logger="rftbench"):
+        out = {(r["split"], r["metric"]): r for r in summary_rows(four, FIVE)}
+    assert ("ood", "acc_mean") not in out
+    partial = out["ood/mean/imagenet_v2+imagenet_r+imagenet_sketch+imagenet_a", "acc_mean"]
+    assert partial["value"] == pytest.approx((0.7 + 0.6 + 0.5 + 0.3) / 4)
+    assert json.loads(partial["detail"])["missing"] == ["ood/objectnet"]
+    assert any("ood/objectnet not evaluated" in m for m in caplog.messages)
+
+
 def test_imagenet_runs_end_to_end(make_cfg, tmp_path, single_thread):
-    write_imagenet(tmp_path / "data")
+    from test_objectnet import write_objectnet
+
+    write_imagenet(tmp_path / "data", with_a=True)
+    write_objectnet(tmp_path / "data" / "objectnet-1.0")
     m = run_done(make_cfg, "suite=imagenet", f"paths.data={tmp_path / 'data'}", "suite.build.val_per_class=1",
                  "suite.build.corruptions=[]")
-    assert {"test", "ood/imagenet_v2", "ood/imagenet_r", "ood/imagenet_sketch", "ood/adversarial/Linf"} <= set(m["split"])
+    assert {"test", *FIVE, "ood/adversarial/Linf"} <= set(m["split"])
+    acc = m[m["metric"] == "acc"].set_index("split")["value"]
+    headline = m[(m["split"] == "ood") & (m["metric"] == "acc_mean")]
+    assert headline["value"].item() == pytest.approx(acc[FIVE].mean())
+    assert json.loads(headline["detail"].item())["splits"] == FIVE
     assert leaderboard_row(tmp_path, "imagenet")

@@ -40,6 +40,9 @@ class Split:
     transform: Callable | None = None        # per-image evaluation transform (streamed splits)
     train_transform: Callable | None = None  # per-image augmentation when training on this split
     class_mask: list[int] | None = None      # only these classes' logits count (ImageNet-R/A)
+    # the split's own classes as groups of model logits: class k scores max(logits[:, logit_groups[k]]),
+    # labels are 0..len(logit_groups)-1 (ObjectNet's 113 classes over ImageNet's 1,000)
+    logit_groups: list[list[int]] | None = None
     _loaders: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +56,8 @@ class Split:
             raise ValueError(f"split {self.name}: x and y must have the same length")
         if self.x is not None and (self.transform is not None or self.train_transform is not None):
             raise ValueError(f"split {self.name}: transforms apply to streamed (dataset) splits only")
+        if self.class_mask is not None and self.logit_groups is not None:
+            raise ValueError(f"split {self.name}: give a class_mask or logit_groups, not both")
 
     def __len__(self) -> int:
         return len(self.x) if self.x is not None else len(self.dataset)
@@ -72,7 +77,8 @@ class Split:
 
     def _tags(self, name: str | None) -> dict:
         return dict(name=name or self.name, role=self.role, shift=self.shift, corruption=self.corruption,
-                    severity=self.severity, meta=dict(self.meta), class_mask=self.class_mask)
+                    severity=self.severity, meta=dict(self.meta), class_mask=self.class_mask,
+                    logit_groups=self.logit_groups)
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> "Split":
         """A split restricted to `index` (same role, shift, tags and transforms)."""
@@ -88,6 +94,32 @@ class Split:
             return self
         xs = [xb for xb, _ in batches(self, batch_size, num_workers=num_workers)]
         return Split(x=torch.cat(xs), y=self.labels.clone(), **self._tags(name))
+
+
+def masked(logits: torch.Tensor, split: Split) -> torch.Tensor:
+    """Logits restricted to the split's `class_mask` (others set to -inf: ImageNet-R/A's 200 classes)."""
+    if split.class_mask is None:
+        return logits
+    keep = torch.zeros(logits.shape[1], dtype=torch.bool)
+    keep[torch.as_tensor(split.class_mask)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def pooled(logits: torch.Tensor, split: Split) -> torch.Tensor:
+    """The split's own classes' logits from the model's: class k's logit is the maximum over the model
+    logits of `split.logit_groups[k]` (ObjectNet: 113 classes from ImageNet's 1,000); unchanged without groups."""
+    if split.logit_groups is None:
+        return logits
+    width = max(map(len, split.logit_groups))
+    # (K, width) indices, short groups padded by repeating their first index (no effect on the max)
+    index = torch.tensor([g + g[:1] * (width - len(g)) for g in split.logit_groups], device=logits.device)
+    return logits[:, index].amax(2)
+
+
+def scored_logits(logits: torch.Tensor, split: Split) -> torch.Tensor:
+    """The logits a split is scored on: its `class_mask` (ImageNet-R/A) or its `logit_groups` (ObjectNet)
+    applied to the model's logits; accuracy, ECE and NLL are computed on these."""
+    return pooled(masked(logits, split), split)
 
 
 def dataset_targets(dataset: Dataset) -> torch.Tensor:
@@ -259,16 +291,35 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int,
     return torch.sort(torch.cat(rest)).values, torch.sort(torch.cat(held)).values
 
 
-def per_class(y: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
-    """Indices of the first `n` examples of each class after a seeded shuffle (all if n is None)."""
+def check_limit(fraction: float | None, shots: int | None) -> None:
+    """`suite.build.fraction` in (0, 1] or `suite.build.shots` an int >= 1, not both (null: all)."""
+    if fraction is not None and shots is not None:
+        raise ValueError(f"give suite.build.fraction ({fraction}) or suite.build.shots ({shots}), not both")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0.0 < fraction <= 1.0):
+        raise ValueError(f"suite.build.fraction must be a number in (0, 1] (null: all), got {fraction!r}")
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+        raise ValueError(f"suite.build.shots must be an integer >= 1 (null: all), got {shots!r}")
+
+
+def limit_per_class(labels: torch.Tensor, fraction: float | None, shots: int | None, seed: int,
+                    shots_key: str = "suite.build.shots") -> torch.Tensor:
+    """Sorted indices of the class-balanced training subset (docs/protocol.md section 2): of each
+    class's n_c examples, after a shuffle drawn by `seed`, the first `shots`, or round(fraction * n_c)
+    (at least 1); all of them when both are None. A class with fewer than `shots` is an error naming
+    `shots_key`."""
+    check_limit(fraction, shots)
+    labels = torch.as_tensor(labels).long().cpu()
+    if fraction is None and shots is None:
+        return torch.arange(len(labels))
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for c in torch.unique(y).tolist():
-        idx = torch.nonzero(y == c).flatten()
+    out = [torch.zeros(0, dtype=torch.long)]
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        if n is not None and n > len(idx):
-            raise ValueError(f"train_per_class={n} but class {c} has only {len(idx)} examples")
-        out.append(idx[:n] if n is not None else idx)
+        if shots is not None and shots > len(idx):
+            raise ValueError(f"{shots_key}={shots} but class {c} has only {len(idx)} training examples")
+        out.append(idx[:shots if shots is not None else max(1, int(round(fraction * len(idx))))])
     return torch.sort(torch.cat(out)).values
 
 

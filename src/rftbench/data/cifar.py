@@ -24,6 +24,7 @@ from rftbench.data.base import (
     UInt8Images,
     balanced_subset,
     config_section,
+    limit_per_class,
     stratified_split,
 )
 from rftbench.data.corruptions import corrupted_splits
@@ -140,7 +141,8 @@ def read_cifar10_1(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
 @config_target("suite.build")
 def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corruption_root: str | None,
                 corruptions: Sequence[str], severities: Sequence[int], corruption_n: int | None,
-                cifar10_1_root: str | None, seen_corruptions: dict, cache_dir: str | None = None) -> Suite:
+                cifar10_1_root: str | None, seen_corruptions: dict, fraction: float | None = None,
+                shots: int | None = None, cache_dir: str | None = None) -> Suite:
     """CIFAR suite: train/val (stratified, seeded split of the official train set), test,
     `ood/corruption/<name>/<severity>` from CIFAR-10-C / CIFAR-100-C when `corruption_root` is set,
     and (CIFAR-10) `ood/cifar10_1` from CIFAR-10.1 v6 under `cifar10_1_root` when present (skipped
@@ -151,11 +153,15 @@ def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corr
     `severity` with `seed` (`rftbench.data.corruptions.corrupted_splits`, cached in `cache_dir`):
     `ood_val/<corruption>` splits, declared in `meta["seen_corruptions"]`; `names: []` makes none.
 
+    `fraction` / `shots`: a class-balanced subset of train drawn by `seed` after val is held out
+    (`rftbench.data.base.limit_per_class`); val, test and OOD keep all their images.
+
     The keywords are `suite.build` of configs/suite/cifar10.yaml (their defaults live there);
     `seed` and `cache_dir` come from the runner."""
     data = read_cifar(root, dataset)
     xtr, ytr = data["train"]
     rest, held = stratified_split(torch.from_numpy(ytr), val_fraction, seed)
+    rest = rest[limit_per_class(torch.from_numpy(ytr)[rest], fraction, shots, seed)]
     rest, held = rest.numpy(), held.numpy()
     splits = {
         "train": Split("train", "train", dataset=UInt8Images(xtr[rest], ytr[rest])),
@@ -195,7 +201,8 @@ def build_cifar(*, root: str, dataset: str, seed: int, val_fraction: float, corr
     num_classes = LAYOUT[dataset][4]
     # a model pre-trained on the same dataset (e.g. a RobustBench model) keeps its head
     return Suite(dataset, num_classes, splits, upstream_classes=list(range(num_classes)),
-                 meta={"upstream": dataset, "root": str(root), "n_train": len(rest), "n_val": len(held),
+                 meta={"upstream": dataset, "root": str(root), "fraction": fraction, "shots": shots,
+                       "n_train": len(rest), "n_val": len(held),
                        "seen_corruptions": list(seen["names"]), "seen_severity": seen["severity"],
                        "seen_seed": seen["seed"], **meta_ood},
                  class_names=class_names(root, dataset))

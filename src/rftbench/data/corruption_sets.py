@@ -110,6 +110,21 @@ def _robustbench_helper_file(name: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / "helper_files" / name
 
 
+def robustbench_imagenet_ids(n: int = IMAGENET_C_N_MAX) -> list[str]:
+    """The first `n` (1..5,000) entries, `<wnid>/<file>.JPEG`, of RobustBench's fixed list of ImageNet val
+    images (robustbench/helper_files/imagenet_test_image_ids.txt, read from the installed package): the
+    images of its ImageNet clean, adversarial and ImageNet-C evaluations."""
+    if not 0 < n <= IMAGENET_C_N_MAX:
+        raise ValueError(f"RobustBench's ImageNet list has {IMAGENET_C_N_MAX} images: n must be in "
+                         f"1..{IMAGENET_C_N_MAX}, got {n}")
+    return _robustbench_helper_file("imagenet_test_image_ids.txt").read_text().split()[:n]
+
+
+def robustbench_class_index() -> dict[str, int]:
+    """RobustBench's synset -> standard class index map (helper_files/imagenet_class_to_id_map.json)."""
+    return json.loads(_robustbench_helper_file("imagenet_class_to_id_map.json").read_text())
+
+
 def _imagenet_c_transform():
     from torchvision import transforms
 
@@ -131,12 +146,10 @@ def load_imagenet_c(
     """
     from PIL import Image
 
-    if not 0 < n_examples <= IMAGENET_C_N_MAX:
-        raise ValueError(f"n_examples must be in 1..{IMAGENET_C_N_MAX} (RobustBench's list), got {n_examples}")
     severities = _check_severities(severities)
     transform = transform or _imagenet_c_transform()
-    files = _robustbench_helper_file("imagenet_test_image_ids.txt").read_text().split()[:n_examples]
-    class_index = json.loads(_robustbench_helper_file("imagenet_class_to_id_map.json").read_text())
+    files = robustbench_imagenet_ids(n_examples)
+    class_index = robustbench_class_index()
     labels = torch.tensor([class_index[f.split("/")[0]] for f in files])
     how = f"Download ImageNet-C from {_IMAGENET_C_URL} and extract the corruption folders into {Path(root)}."
     for corruption in corruptions:

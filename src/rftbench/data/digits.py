@@ -21,7 +21,15 @@ import torch.nn.functional as F
 
 from rftbench.data import corruptions as C
 from rftbench.data import glyphs
-from rftbench.data.base import SEEN_KEYS, Split, Suite, balanced_subset, config_section, per_class, stratified_split
+from rftbench.data.base import (
+    SEEN_KEYS,
+    Split,
+    Suite,
+    balanced_subset,
+    config_section,
+    limit_per_class,
+    stratified_split,
+)
 from rftbench.progress import bar
 from rftbench.utils import cache_root, config_target, file_lock, load_cached, save_cached, stable_hash
 
@@ -47,9 +55,14 @@ CORRUPTION_KEYS = ("n", "names", "severities", "seed")
 @config_target("suite.build")
 def build_digits(*, seed: int, train_per_class: int | None, val_fraction: float, test_fraction: float,
                  split_seed: int, image_size: int, fonts_held_out: Sequence[str] | None, typed: dict,
-                 corruption: dict, seen_corruptions: dict, cache_dir: str | Path | None = None) -> Suite:
+                 corruption: dict, seen_corruptions: dict, fraction: float | None = None,
+                 shots: int | None = None, cache_dir: str | Path | None = None) -> Suite:
     """Build the digits suite. `split_seed` fixes the test split for every trial; the trial `seed`
     draws the val split and the few-shot training subset.
+
+    `train_per_class` is the suite's default few-shot size under its older name (`shots` elsewhere:
+    kept so the committed results keep their run ids); `shots` or `fraction` replaces it
+    (`rftbench.data.base.limit_per_class`, the same code path).
 
     The keywords are `suite.build` of configs/suite/digits.yaml, where their defaults live; `seed`
     and `cache_dir` come from the runner. `typed`: {n, augment, seed}; `corruption`: {n, names,
@@ -65,7 +78,11 @@ def build_digits(*, seed: int, train_per_class: int | None, val_fraction: float,
     train_pool, val_rel = stratified_split(y[pool], val_fraction, seed)
     val_idx = pool[val_rel]
     train_pool_idx = pool[train_pool]
-    train_idx = train_pool_idx[per_class(y[train_pool_idx], train_per_class, seed)]
+    if fraction is None and shots is None:
+        shots, key = train_per_class, "suite.build.train_per_class"
+    else:
+        key = "suite.build.shots"
+    train_idx = train_pool_idx[limit_per_class(y[train_pool_idx], fraction, shots, seed, shots_key=key)]
 
     splits = {
         "train": Split("train", "train", x=x[train_idx], y=y[train_idx]),
@@ -93,8 +110,8 @@ def build_digits(*, seed: int, train_per_class: int | None, val_fraction: float,
             key = f"ood_val/{name}"
             splits[key] = Split(key, "ood_val", "corruption", x=cx, y=val.y[vsub], corruption=name, severity=sev)
 
-    meta = {"train_per_class": train_per_class, "n_train": len(train_idx), "n_val": len(val_idx),
-            "n_test": len(test_idx), "n_typed": typed["n"], "n_corruption": len(sub),
+    meta = {"train_per_class": train_per_class, "fraction": fraction, "shots": shots, "n_train": len(train_idx),
+            "n_val": len(val_idx), "n_test": len(test_idx), "n_typed": typed["n"], "n_corruption": len(sub),
             "seen_corruptions": list(seen["names"]), "seen_severity": seen["severity"],
             "seen_seed": seen["seed"], "upstream": "glyphs", "image_size": image_size}
     return Suite("digits", 10, splits, upstream_classes=DIGIT_CLASSES, meta=meta,

@@ -7,10 +7,13 @@ Under `root` (`${paths.data}`), as the releases unpack:
     imagenet-r/<wnid>/*                             ood/imagenet_r (200 classes, logits masked)
     imagenet-a/<wnid>/*                             ood/imagenet_a (200 classes, logits masked)
     imagenet-sketch/sketch/<wnid>/*                 ood/imagenet_sketch
+    objectnet-1.0/{images,mappings}/...             ood/objectnet (113 classes, max-pooled logits: data/objectnet.py)
     ImageNet-C/<corruption>/<severity>/<wnid>/*     ood/corruption/<c>/<s> (RobustBench's 5,000 images)
 Class indices follow the standard 1,000-synset order shipped in `imagenet_synsets.txt`; the 200
 classes of ImageNet-R and ImageNet-A are the shipped `imagenet_{r,a}_synsets.txt`. A missing OOD
 split is skipped with one warning naming its path; `Suite.meta` says which were evaluated.
+`headline_ood` (the suite's headline OOD splits, WiSE-FT's five shifts) goes to `Suite.meta["headline_ood"]`:
+`rftbench.evaluate.summary_rows` makes the headline `ood acc_mean` from exactly those.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from rftbench.data.base import Split, Suite, hold_out_per_class
+from rftbench.data import objectnet
+from rftbench.data.base import Split, Suite, hold_out_per_class, limit_per_class
 from rftbench.data.folders import ImageFiles, class_folders
 
 log = logging.getLogger("rftbench")
@@ -53,7 +57,7 @@ class Part:
     """One part of the ImageNet family on disk: where it unpacks, its folder names, its size."""
 
     path: str
-    folders: str             # "wnid" or "index"
+    folders: str             # "wnid", "index" or "objectnet" (its own release layout)
     expected: int            # images in the full release
     source: str              # where to get it
     mask: str | None = None  # "r" / "a": the 200-class subset
@@ -71,8 +75,9 @@ PARTS = {
     "ood/imagenet_a": Part("imagenet-a", "wnid", 7_500, "https://github.com/hendrycks/natural-adv-examples (imagenet-a.tar)", "a", "natural"),
     "ood/imagenet_sketch": Part("imagenet-sketch/sketch", "wnid", 50_889,
                                 "https://github.com/HaohanWang/ImageNet-Sketch (ImageNet-Sketch.zip)", shift="domain"),
+    "ood/objectnet": Part(objectnet.RELEASE, "objectnet", objectnet.N_IMAGES, objectnet.SOURCE, shift="natural"),
 }
-OOD = ("imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch")
+OOD = ("imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch", "objectnet")
 IMAGENET_C_SOURCE = "https://zenodo.org/records/2235448 (ImageNet-C, one tar per corruption family)"
 
 
@@ -86,30 +91,43 @@ def read_part(root: str | Path, part: Part) -> ImageFiles:
     return ImageFiles(class_folders(Path(root) / part.path, class_index(part.folders)))
 
 
+def ood_split(root: str | Path, key: str, part: Part) -> Split:
+    """One OOD split of the family: ImageNet-R/A with their 200-class mask, ObjectNet with its 113
+    logit groups and border crop, the others over all 1,000 classes."""
+    if part.folders == "objectnet":
+        return objectnet.objectnet_split(Path(root) / part.path, key, part.shift)
+    mask = subset_indices(part.mask) if part.mask else None
+    return Split(key, "ood", part.shift, dataset=read_part(root, part), class_mask=mask)
+
+
 def imagenet_c_files(root: str | Path, corruption: str, severity: int, n: int) -> list[tuple[str, int]]:
     """RobustBench's ImageNet-C protocol: the first `n` (<= 5,000) files of its fixed list, labelled
     with the standard indices (the list and the label map of `rftbench.data.corruption_sets.load_imagenet_c`)."""
-    import json
-
     from rftbench.data import corruption_sets as robust
 
     if not 0 < n <= robust.IMAGENET_C_N_MAX:
         raise ValueError(f"corruption_n must be in 1..{robust.IMAGENET_C_N_MAX} (RobustBench's list), got {n}")
-    files = robust._robustbench_helper_file("imagenet_test_image_ids.txt").read_text().split()[:n]
-    labels = json.loads(robust._robustbench_helper_file("imagenet_class_to_id_map.json").read_text())
+    files, labels = robust.robustbench_imagenet_ids(n), robust.robustbench_class_index()
     folder = Path(root) / corruption / str(severity)
     return [(str(folder / f), labels[f.split("/")[0]]) for f in files]
 
 
 def build_imagenet(root: str, seed: int, cache_dir: str, val_per_class: int, ood: Sequence[str],
                    corruption_root: str | None, corruptions: Sequence[str], severities: Sequence[int],
-                   corruption_n: int) -> Suite:
+                   corruption_n: int, headline_ood: Sequence[str] = (), fraction: float | None = None,
+                   shots: int | None = None) -> Suite:
     """ImageNet suite: train (minus `val_per_class` images per class, seeded, held out as `val`; 0 =
-    no val split), the official val as `test`, and each OOD split present on disk."""
+    no val split), the official val as `test`, and each OOD split present on disk; `headline_ood`
+    names the splits of the headline OOD mean (one not in `ood` or not on disk: not reported, see
+    `rftbench.evaluate.headline_rows`). `fraction` / `shots`: a class-balanced
+    subset of train drawn by `seed` after val is held out (`rftbench.data.base.limit_per_class`)."""
     del cache_dir  # nothing is cached: every split streams from disk
     unknown = set(ood) - set(OOD)
     if unknown:
         raise ValueError(f"suite.build.ood has unknown splits {sorted(unknown)}; valid: {list(OOD)}")
+    if set(headline_ood) - set(OOD):
+        raise ValueError(f"suite.build.headline_ood has unknown splits {sorted(set(headline_ood) - set(OOD))}; "
+                         f"valid: {list(OOD)}")
     for name in ("train", "test"):
         path = Path(root) / PARTS[name].path
         if not path.is_dir():
@@ -117,12 +135,13 @@ def build_imagenet(root: str, seed: int, cache_dir: str, val_per_class: int, ood
                                     f"or check with: python -m rftbench.data verify suite=imagenet")
     train = read_part(root, PARTS["train"])
     splits: dict[str, Split] = {}
-    if val_per_class > 0:
-        rest, held = hold_out_per_class(torch.as_tensor(train.targets), val_per_class, seed)
-        splits["train"] = Split("train", "train", dataset=ImageFiles([train.samples[i] for i in rest.tolist()]))
+    targets = torch.as_tensor(train.targets)
+    rest, held = (hold_out_per_class(targets, val_per_class, seed) if val_per_class > 0
+                  else (torch.arange(len(targets)), None))
+    rest = rest[limit_per_class(targets[rest], fraction, shots, seed)]
+    splits["train"] = Split("train", "train", dataset=ImageFiles([train.samples[i] for i in rest.tolist()]))
+    if held is not None:
         splits["val"] = Split("val", "val", dataset=ImageFiles([train.samples[i] for i in held.tolist()]))
-    else:
-        splits["train"] = Split("train", "train", dataset=train)
     splits["test"] = Split("test", "test", dataset=read_part(root, PARTS["test"]))
     evaluated, missing = [], []
     for name in ood:
@@ -132,8 +151,7 @@ def build_imagenet(root: str, seed: int, cache_dir: str, val_per_class: int, ood
             log.warning("ImageNet OOD split %s skipped: %s not found (get it from %s)", key, path, part.source)
             missing.append(key)
             continue
-        mask = subset_indices(part.mask) if part.mask else None
-        splits[key] = Split(key, "ood", part.shift, dataset=read_part(root, part), class_mask=mask)
+        splits[key] = ood_split(root, key, part)
         evaluated.append(key)
     for corruption in corruptions:
         folder = Path(corruption_root or "") / corruption
@@ -148,8 +166,9 @@ def build_imagenet(root: str, seed: int, cache_dir: str, val_per_class: int, ood
             splits[key] = Split(key, "ood", "corruption", dataset=files, corruption=corruption, severity=sev,
                                 meta={"eval_transform": {"name": "resize"}})
             evaluated.append(key)
-    meta = {"upstream": "imagenet", "root": str(root), "n_train": len(splits["train"]),
+    meta = {"upstream": "imagenet", "root": str(root), "fraction": fraction, "shots": shots,
+            "n_train": len(splits["train"]),
             "n_val": len(splits["val"]) if "val" in splits else 0, "ood_evaluated": evaluated,
-            "ood_missing": missing}
+            "ood_missing": missing, "headline_ood": [f"ood/{n}" for n in headline_ood]}
     return Suite("imagenet", 1000, splits, upstream_classes=list(range(1000)), meta=meta,
                  class_names=class_names())

@@ -16,7 +16,7 @@ import torch
 import torchvision.datasets as tvd
 from torch.utils.data import Dataset
 
-from rftbench.data.base import Split, Suite, stratified_split
+from rftbench.data.base import Split, Suite, limit_per_class, stratified_split
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,10 @@ class Indexed(Dataset):
 
 
 def build_transfer(root: str, dataset: str, seed: int, cache_dir: str, val_fraction: float,
-                   test_fraction: float, split_seed: int) -> Suite:
+                   test_fraction: float, split_seed: int, fraction: float | None = None,
+                   shots: int | None = None) -> Suite:
+    """The `ct_transfer/<dataset>` suite; `fraction` / `shots`: a class-balanced subset of train drawn
+    by `seed` after val is set apart (`rftbench.data.base.limit_per_class`); val and test unchanged."""
     del cache_dir  # nothing cached: splits stream from disk
     if dataset not in SPECS:
         raise ValueError(f"unknown ct_transfer dataset {dataset!r}; valid: {sorted(SPECS)}")
@@ -150,6 +153,9 @@ def build_transfer(root: str, dataset: str, seed: int, cache_dir: str, val_fract
         rest, held = stratified_split(torch.tensor([labels[i] for i in idx]), val_fraction, seed)
         pieces["train"] = (ds, [idx[i] for i in rest.tolist()], labels)
         pieces["val"] = (ds, [idx[i] for i in held.tolist()], labels)
+    ds, idx, labels = pieces["train"]
+    keep = limit_per_class(torch.tensor([labels[i] for i in idx], dtype=torch.long), fraction, shots, seed)
+    pieces["train"] = (ds, [idx[i] for i in keep.tolist()], labels)
     splits = {role: Split(role, role, dataset=Indexed(*pieces[role])) for role in ("train", "val", "test")}
     for role, split in splits.items():
         if len(split) == 0:
@@ -157,5 +163,6 @@ def build_transfer(root: str, dataset: str, seed: int, cache_dir: str, val_fract
                              f"suite.build.{'test' if role == 'test' else 'val'}_fraction or check the data under {root}")
     names = names_of(pieces["train"][0])
     return Suite(f"ct_transfer/{dataset}", len(names), splits, upstream_classes=None, class_names=names,
-                 meta={"root": str(root), "dataset": dataset, "n_train": len(splits["train"]),
+                 meta={"root": str(root), "dataset": dataset, "fraction": fraction, "shots": shots,
+                       "n_train": len(splits["train"]),
                        "n_val": len(splits["val"]), "official_val": "val" in spec.splits})

@@ -48,6 +48,23 @@ def _counted(part: str, path: Path, found: int | None, expected: int | None, how
     return Check(part, status, str(path), found, expected, how)
 
 
+def verify_objectnet(key: str, root: Path) -> list[Check]:
+    """The ObjectNet release at `root` (objectnet-1.0): its images (all 313 classes, counted against the
+    release's 50,273) and each of its `mappings/` files; one `missing` line when the folder is absent."""
+    from rftbench.data import objectnet
+
+    if not root.is_dir():
+        return [Check(key, "missing", str(root), None, objectnet.N_IMAGES, objectnet.SOURCE)]
+    images = root / "images"
+    out = [_counted(key, images, count_images(images) if images.is_dir() else None, objectnet.N_IMAGES,
+                    objectnet.SOURCE)]
+    for name in objectnet.MAPPING_FILES:
+        path = root / "mappings" / name
+        out.append(Check(f"{key}/mappings/{name}", "found" if path.is_file() else "missing", str(path), None,
+                         None, f"part of the release: {objectnet.SOURCE}"))
+    return out
+
+
 def verify_imagenet(build: Mapping) -> list[Check]:
     from rftbench.data import imagenet
 
@@ -57,6 +74,9 @@ def verify_imagenet(build: Mapping) -> list[Check]:
     for key in wanted:
         part = imagenet.PARTS[key]
         path = root / part.path
+        if part.folders == "objectnet":
+            out += verify_objectnet(key, path)
+            continue
         found = count_images(path) if path.is_dir() else None
         if found == 0 and list_images(path):  # a flat val folder
             out.append(Check(key, "unsorted", str(path), 0, part.expected, FLAT_VAL))
@@ -79,17 +99,15 @@ def verify_domainnet(build: Mapping) -> list[Check]:
     from rftbench.data import domainnet
 
     root = Path(build["root"])
+    source = domainnet.layout(build["split_files"]).source
     out = []
-    for domain, part in [(build["id_domain"], "train"), (build["id_domain"], "test"),
-                         *[(d, "test") for d in build["ood_domains"]]]:
-        key = f"{domain}_{part}"
-        split_file = domainnet.split_file(root, domain, part)
+    for key, split_file in domainnet.split_file_paths(**{k: build[k] for k in domainnet.SPLIT_KEYS}).items():
         if not split_file.is_file():
-            out.append(Check(key, "missing", str(split_file), None, None, domainnet.SOURCE))
+            out.append(Check(key, "missing", str(split_file), None, None, source))
             continue
-        entries = domainnet.read_split_file(root, domain, part)
+        entries = domainnet.read_split_file(split_file, build["classes"], source)
         found = sum((root / p).is_file() for p, _ in entries)
-        out.append(_counted(key, root / domain, found, len(entries), domainnet.SOURCE))
+        out.append(_counted(key, root / key.rsplit("_", 1)[0], found, len(entries), source))
     return out
 
 
