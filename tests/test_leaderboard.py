@@ -2,6 +2,7 @@
 recorded baseline set, hyper-parameter variants chosen on validation, CSV/Markdown/LaTeX."""
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -16,7 +17,8 @@ from rftbench.run import run_id_of
 
 
 def add_run(root, method: str, seed: int, id_acc: float, ood_acc: float, *, val: float = 0.5, ece: float = 0.1,
-            lr: float = 0.01, backbone: str = "b", extra: dict | None = None) -> str:
+            lr: float = 0.01, backbone: str = "b", extra: dict | None = None,
+            select: tuple[float, str] | None = None) -> str:
     cfg = {"seed": seed, "method": {"name": method, "lr": lr}, "suite": {"name": "digits"},
            "backbone": {"name": backbone}, "paths": {"runs": str(root)}, "device": "cpu", **(extra or {})}
     run_id = run_id_of(cfg)  # as the runner names it (the leaderboard checks)
@@ -27,7 +29,9 @@ def add_run(root, method: str, seed: int, id_acc: float, ood_acc: float, *, val:
                           {"split": "ood", "metric": "acc_mean", "value": ood_acc, "selection": "val"},
                           {"split": "test", "metric": "ece", "value": ece, "selection": "val"},
                           {"split": "-", "metric": "val_acc", "value": val, "selection": "val"},
-                          {"split": "ood", "metric": "acc_mean", "value": 0.99, "selection": "oracle"}], seed)
+                          {"split": "ood", "metric": "acc_mean", "value": 0.99, "selection": "oracle"},
+                          *([{"split": "-", "metric": "select_score", "value": select[0], "selection": "val",
+                              "detail": json.dumps({"objective": select[1]})}] if select else [])], seed)
     folder.finish()
     return run_id
 
@@ -308,3 +312,35 @@ def test_tuned_variants_are_picked_on_val_and_listed_with_their_drawn_values(tmp
     lb.write(res.board, out, res)
     variants = pd.read_csv(out / "leaderboard_variants.csv")
     assert sorted(variants["hp/method.lr"]) == pytest.approx([0.003, 0.01, 0.05]) and set(variants["n_seeds"]) == {2}
+
+
+def test_variants_are_ranked_by_the_objective_their_method_chose_by(tmp_path, caplog):
+    """ct_robust select=robust records its robust val objective (Adapted.select_score): the variant
+    with the better robust objective wins although its clean val accuracy is lower; variants that
+    chose by different objectives fall back to val_acc, with a warning."""
+    root = tmp_path / "runs"
+    for seed in range(2):
+        add_run(root, "ct_robust", seed, 0.80, 0.4, val=0.90, lr=0.01, select=(0.30, "robust_val_objective"))
+        add_run(root, "ct_robust", seed, 0.70, 0.5, val=0.85, lr=0.1, select=(0.45, "robust_val_objective"))
+        add_run(root, "wise", seed, 0.80, 0.4, val=0.90, lr=0.01, select=(0.30, "ood_val_acc"))
+        add_run(root, "wise", seed, 0.70, 0.5, val=0.85, lr=0.1)  # chose by val_acc
+    res = lb.build_all(root)
+    r = row(res.board, "ct_robust")
+    assert r["id_test_acc"] == pytest.approx(0.70) and r["select_by"] == "robust_val_objective"
+    assert r["select_score"] == pytest.approx(0.45)
+    assert row(res.board, "wise")["id_test_acc"] == pytest.approx(0.80)  # by val_acc: 0.90 > 0.85
+    assert "chose by different objectives" in caplog.text
+
+
+def test_the_effective_robustness_fit_uses_the_baselines_chosen_variants(tmp_path):
+    root = tmp_path / "runs"
+    for method, (ids, oods) in ACC.items():
+        for seed, (i, o) in enumerate(zip(ids, oods)):
+            add_run(root, method, seed, i, o)
+            if method == "lp":  # a worse draw on val, far off the line: not part of the fit
+                add_run(root, method, seed, 0.2, 0.9, val=0.1, lr=0.5)
+    res = lb.build_all(root)
+    used = set(res.er_fits.iloc[0]["baseline_runs"].split(";"))
+    lp_runs = res.runs[res.runs["method"] == "lp"]
+    assert used.isdisjoint(set(lp_runs[lp_runs["id_test_acc"] == 0.2]["run_id"]))
+    assert len(used) == 9  # zeroshot, lp, ft: 3 seeds each

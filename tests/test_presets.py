@@ -6,9 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from rftbench import reference
 from rftbench.plan import plan
 from rftbench.run import CONFIG_DIR, execute, run_folder
 
@@ -130,3 +132,96 @@ def test_bench_and_bench_tuned_run_every_digits_method(tmp_path):
     assert set(table["method"]) == DIGITS_METHODS and len(table) == 3 * len(DIGITS_METHODS)
     tuned = yaml.safe_load((Path(CONFIG_DIR) / "experiment" / "bench_tuned.yaml").read_text())
     assert "bench" in tuned["defaults"] and "method" not in tuned["hydra"]["sweeper"]["params"]  # bench's methods
+
+
+# ---- each paper preset's header cites its recipe and figures; the composed config must agree ----
+
+PAPER_PRESETS = ("wiseft_imagenet", "ftp_domainnet", "ct_transfer", "ct_robustbench", "rws_cifar10c")
+
+
+def header_recipe(preset: str) -> list[tuple[list[str], str | None, dict]]:
+    """The header's `Recipe` block: (methods, backbone or None, {dotted key: cited value}) per entry;
+    "every method" stands for the preset's methods. Entries are `#   <methods> [@ <backbone>]: {...}`,
+    continued on deeper-indented comment lines."""
+    lines = (Path(CONFIG_DIR) / "experiment" / f"{preset}.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Recipe ("))
+    block = []
+    for line in lines[start + 1:]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[2:])
+    grid = reference.preset_grid(preset)
+    entries = []
+    for key, values in yaml.safe_load("\n".join(block)).items():
+        who, _, backbone = key.partition("@")
+        methods = grid["method"] if who.strip() == "every method" else [m.strip() for m in who.split(",")]
+        entries.append((methods, backbone.strip() or None, values))
+    return entries
+
+
+def composed(preset: str, method: str, backbone: str | None) -> dict:
+    overrides = [f"experiment={preset}", f"method={method}"] + ([f"backbone={backbone}"] if backbone else [])
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+
+
+def dotted(cfg: dict, key: str):
+    node = cfg
+    for part in key.split("."):
+        assert isinstance(node, dict) and part in node, f"{key} is not in the composed config"
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_preset_composes_to_the_recipe_its_header_cites(preset):
+    skip_without_suites(preset)
+    entries = header_recipe(preset)
+    assert entries, f"{preset}: empty Recipe block"
+    cache: dict = {}
+    checked = 0
+    for methods, backbone, values in entries:
+        assert set(methods) <= set(reference.preset_grid(preset)["method"]), (preset, methods)
+        for method in methods:
+            if (method, backbone) not in cache:
+                cache[method, backbone] = composed(preset, method, backbone)
+            cfg = cache[method, backbone]
+            for key, cited in values.items():
+                got = dotted(cfg, key)
+                ok = got == pytest.approx(cited) if isinstance(cited, float) else got == cited
+                assert ok, f"experiment={preset} method={method}: {key} = {got!r}, the header cites {cited!r}"
+                checked += 1
+    assert checked >= 5
+
+
+def test_paper_recipes_leave_the_shared_budget_alone(make_cfg):
+    """compare_all / bench keep the shared recipe: no per-method paper file applies to them."""
+    for preset in ("compare_all", "bench"):
+        cfg = OmegaConf.to_container(make_cfg("method=ft", experiment=preset), resolve=True)
+        opt = cfg["method"]["finetune"]["optimizer"]
+        assert opt["_target_"] == "torch.optim.SGD" and opt["lr"] == 0.01 and "paper_recipe" not in cfg
+    flyp = OmegaConf.to_container(make_cfg("method=flyp", experiment="compare_all"), resolve=True)
+    assert flyp["method"]["adapt"]["scheduler"] == {"name": "cosine", "warmup_epochs": 1}
+
+
+def test_wiseft_imagenet_methods_share_one_finetuning():
+    """wise, soup and tpgm_posthoc reuse ft's cached model: their fine-tuning recipe is ft's, exactly."""
+    recipes = {m: composed("wiseft_imagenet", m, None)["method"]["finetune"] for m in ("ft", "wise", "soup", "tpgm_posthoc")}
+    assert all(r == recipes["ft"] for r in recipes.values())
+    assert recipes["ft"]["optimizer"] == {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3.0e-5,
+                                          "weight_decay": 0.1}
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_preset_header_states_its_reference_figures(preset):
+    """Every figure of configs/reference/<preset>.yaml is in the preset's header, and every method of the
+    preset has a figure or is listed as not found."""
+    header = (Path(CONFIG_DIR) / "experiment" / f"{preset}.yaml").read_text()
+    ref = reference.load(preset)
+    for row in ref["rows"]:
+        for value in [*row["values"].values(), row["mean"]]:
+            assert f"{value:.2f}" in header, f"{preset}: {row['label']} figure {value:.2f} not in its header"
+    assert "not found" in header or ref["rows"]
+    grid = reference.preset_grid(preset)
+    listed = {r["method"] for r in ref["rows"] if r["backbone"] in grid["backbone"]} | set(ref["not_found"])
+    assert listed == set(grid["method"]), f"{preset}: figures or 'not found' for {set(grid['method']) - listed}"

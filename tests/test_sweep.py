@@ -407,3 +407,22 @@ def test_launcher_presets_compose_and_slurm_preset_makes_the_sbatch_script(tmp_p
                  "--cpus-per-task=8", "--signal=USR2@120"):
         assert f"#SBATCH {line}\n" in script, line
     assert executor._executor.max_num_timeout == 10
+
+
+def test_draws_of_a_method_without_search_space_are_not_run_again(make_cfg, tmp_path, capsys):
+    """zeroshot has `search: []`: its hp_seed > 0 draws are hp_seed=0's run; the sweep skips them
+    (no identical copies under other run ids) and the plan marks them `repeat`."""
+    from rftbench import plan
+
+    runs = tmp_path / "runs"
+    assert sweep.repeats_defaults(make_cfg("method=zeroshot", "hp_seed=2"))
+    assert not sweep.repeats_defaults(make_cfg("method=zeroshot", "hp_seed=0"))
+    assert not sweep.repeats_defaults(make_cfg("method=lp", "hp_seed=2"))
+    assert sweep.run_task(make_cfg("method=zeroshot", "hp_seed=1", f"paths.runs={runs}"),
+                          lambda cfg: pytest.fail("ran a repeat")) == "skipped"
+    table = plan.plan(["experiment=tiny", "method=zeroshot,lp", "hp_seed=0,1", f"paths.runs={runs}",
+                       "device=cpu"])
+    status = dict(zip(zip(table["method"], table["overrides"].str.contains("hp_seed=1")), table["status"]))
+    assert status[("zeroshot", True)] == "repeat" and status[("zeroshot", False)] == "pending"
+    assert status[("lp", True)] == "pending"
+    assert "the sweep skips it" in plan.report(table)

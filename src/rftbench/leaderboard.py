@@ -3,14 +3,17 @@ trial seeds and their number, written as CSV (the contract), Markdown and LaTeX,
 static, sortable `index.html` (`rftbench.report`) that links every row to its runs.
 
 - Runs that differ in more than the trial seed (swept hyper-parameters, `hp_seed` draws) are
-  separate variants; each row is the variant with the best mean validation accuracy (`val_acc`,
-  every method's `Adapted.val_acc`; `rftbench.selection`: ties -> more seeds, then the variant id),
-  and `leaderboard_variants.csv` lists them all.
+  separate variants; each row is the variant with the best mean validation objective of its
+  method: `val_acc` (every method's `Adapted.val_acc`), or the objective the method itself chose by
+  where it is another (`select_score`, named in `select_by`: e.g. `ct_robust select=robust` its
+  robust val accuracy, `wise select=ood_val` its ood_val mean); `rftbench.selection`: ties -> more
+  seeds, then the variant id. `leaderboard_variants.csv` lists them all.
 - `ood_mean_acc`: the mean over the OOD splits that are not corruptions and the corruption mean;
   `ood_worst_acc`: the worst of the individual OOD results, i.e. each OOD split (e.g. each domain)
   and each corruption's mean over its severities (`rftbench.metrics.ood_groups`).
 - Effective robustness: OOD mean accuracy minus the logit-linear fit over the suite's baseline runs
-  (`--baselines`); the fits and their baseline runs are in `effective_robustness.csv`. The fit needs
+  (`--baselines`), the runs of each baseline's chosen variant (a tuned sweep's other draws are left
+  out of the fit); the fits and their baseline runs are in `effective_robustness.csv`. The fit needs
   at least `--er-min-methods` baseline methods with `--er-min-seeds` runs each (default 3 x 3);
   with fewer the column is left empty and a warning says why.
 - Mean ± standard error over trial seeds; no ± where there is one seed or no spread (`n_seeds`).
@@ -22,6 +25,7 @@ static, sortable `index.html` (`rftbench.report`) that links every row to its ru
   best row of the same (suite, backbone) (the best row included); bold in Markdown and LaTeX.
 
     python -m rftbench.leaderboard --runs runs --out results
+    python -m rftbench.leaderboard --runs runs --reference wiseft_imagenet   # beside the paper's figures
 """
 from __future__ import annotations
 
@@ -71,6 +75,8 @@ SHOWN = [*list(HEADLINE)[:6], "effective_robustness", *list(HEADLINE)[6:]]
 BASELINES = ("zeroshot", "lp", "ft")
 ER_MIN_METHODS, ER_MIN_SEEDS = 3, 3  # baseline points an effective-robustness fit needs (methods x runs)
 SELECT_BY = "val_acc"  # the runner's ("-", "val_acc") row: Adapted.val_acc
+# per-run text columns (not averaged): the objective a run's method chose by (Adapted.select_by)
+LABELS = ("select_by",)
 # config keys that are not hyper-parameters of a variant: those that do not change the work, and the trial seed
 NOT_VARIANT = (*NOT_WORK, "seed")
 
@@ -215,6 +221,12 @@ def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd
         if not len(sel):  # runs recorded before the explicit field: their `chosen/val_acc` row
             sel = g[(g["split"] == "-") & (g["metric"] == f"chosen/{SELECT_BY}")]
         rec[SELECT_BY] = sel["value"].mean() if len(sel) else np.nan
+        sel = g[(g["split"] == "-") & (g["metric"] == "select_score")]
+        if len(sel):  # the method chose by another validation objective (Adapted.select_score)
+            rec["select_score"] = float(sel["value"].iloc[0])
+            rec["select_by"] = json.loads(sel["detail"].iloc[0])["objective"]
+        else:
+            rec["select_score"], rec["select_by"] = rec[SELECT_BY], SELECT_BY
         ood = g[(g["metric"] == "acc") & g["split"].str.startswith("ood/")]
         if len(ood):  # recomputed from the splits, so older runs get the same definition
             rec["ood_worst_acc"] = min(ood_groups(zip(ood["split"], ood["shift"], ood["corruption"], ood["value"])).values())
@@ -227,9 +239,11 @@ def per_run(metrics: pd.DataFrame, variants: dict[str, str] | None = None) -> pd
 
 
 def add_effective_robustness(runs: pd.DataFrame, baselines=BASELINES, min_methods: int = ER_MIN_METHODS,
-                             min_seeds: int = ER_MIN_SEEDS) -> tuple[pd.DataFrame, dict[str, LogitFit], pd.DataFrame]:
+                             min_seeds: int = ER_MIN_SEEDS, fit_runs: set[str] | None = None
+                             ) -> tuple[pd.DataFrame, dict[str, LogitFit], pd.DataFrame]:
     """Per run `effective_robustness` = OOD mean accuracy - the fit's prediction from its ID test
-    accuracy, the fit (logit-linear) over the runs of `baselines` of the same suite. A suite with
+    accuracy, the fit (logit-linear) over the runs of `baselines` of the same suite (only those in
+    `fit_runs` when given: the chosen variants' runs). A suite with
     fewer than `min_methods` baseline methods of at least `min_seeds` runs each gets no fit (a
     warning says why). Returns the runs, the fits per suite, and the fit table (with its baseline
     runs) to record."""
@@ -237,7 +251,8 @@ def add_effective_robustness(runs: pd.DataFrame, baselines=BASELINES, min_method
     runs["effective_robustness"] = np.nan
     fits, records = {}, []
     for suite, g in runs.groupby("suite", sort=True):
-        base = g[g["method"].isin(baselines)].dropna(subset=["id_test_acc", "ood_mean_acc"])
+        base = g[g["method"].isin(baselines) & (g["run_id"].isin(fit_runs) if fit_runs is not None else True)]
+        base = base.dropna(subset=["id_test_acc", "ood_mean_acc"])
         counts = base["method"].value_counts()
         enough = sorted(counts[counts >= min_seeds].index)
         if len(enough) < min_methods:
@@ -266,10 +281,13 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame(columns=KEYS + ["variant", "n_seeds"])
     runs = runs if "variant" in runs else runs.assign(variant="-")
-    value_cols = [c for c in runs.columns if c not in KEYS + ["seed", "run_id", "variant"]]
+    value_cols = [c for c in runs.columns if c not in KEYS + ["seed", "run_id", "variant", *LABELS]]
     rows, partial = [], set()
     for key, g in runs.groupby(KEYS + ["variant"], sort=True):
         rec = dict(zip(KEYS + ["variant"], key)) | {"n_seeds": g["seed"].nunique()}
+        for c in LABELS:  # one label per variant (its seeds share the config)
+            if c in g:
+                rec[c] = ",".join(sorted(set(g[c].dropna().astype(str))))
         for c in value_cols:
             has = g[c].notna()
             vals = g.loc[has, c].to_numpy(dtype=float)
@@ -292,6 +310,12 @@ def select_variants(variants: pd.DataFrame, parents: dict[str, str] | None = Non
     if variants.empty:
         return variants.assign(n_variants=pd.Series(dtype=int))
     val = variants[SELECT_BY] if SELECT_BY in variants else pd.Series(np.nan, index=variants.index)
+    if "select_score" in variants:  # each method's own validation objective, where all its variants share it
+        same = variants.groupby(KEYS)["select_by"].transform("nunique") == 1
+        val = variants["select_score"].where(same, val)
+        for key, g in variants[~same].groupby(KEYS):
+            log.warning("%s: variants chose by different objectives (%s): ranked by %s", "/".join(key),
+                        ", ".join(sorted(g["select_by"].unique())), SELECT_BY)
     order = variants.assign(_val=val).sort_values(KEYS + ["n_seeds", "variant"],
                                                   ascending=[True] * len(KEYS) + [False, True])
     chosen = {key: select(list(g.index), list(g["_val"])) for key, g in order.groupby(KEYS, sort=True)}
@@ -343,7 +367,9 @@ def build_all(runs_root: str | Path, baselines=BASELINES, min_methods: int = ER_
     runs = per_run(metrics, run_variant)
     if runs.empty:
         return Leaderboard(aggregate(runs), aggregate(runs), runs)
-    runs, fits, er_fits = add_effective_robustness(runs, baselines, min_methods, min_seeds)
+    chosen = select_variants(aggregate(runs), parents)[KEYS + ["variant"]]  # (ER does not change the choice)
+    fit_runs = set(runs.merge(chosen, on=KEYS + ["variant"])["run_id"])
+    runs, fits, er_fits = add_effective_robustness(runs, baselines, min_methods, min_seeds, fit_runs)
     variants = aggregate(runs)
     hp = variant_hparams(runs_root)
     if len(hp.columns) > 1:  # the drawn values of each variant, for leaderboard_variants.csv
@@ -484,6 +510,18 @@ def out_problem(out: str | Path) -> str | None:
     return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
 
 
+def reference_report(runs_root: str | Path, preset: str) -> str:
+    """`--reference`: the preset's paper figures and our rows (`rftbench.reference`), as Markdown."""
+    from rftbench import reference
+
+    try:
+        ref = reference.load(preset)
+        table = reference.comparison(build_all(runs_root), checked_metrics(runs_root), str(runs_root), preset)
+        return reference.render(table, ref)
+    except ValueError as exc:  # an unknown preset, a bad metric value (BadMetrics)
+        raise SystemExit(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs", help="runs folder (paths.runs)")
@@ -497,9 +535,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-plots", action="store_true", help="tables only")
     ap.add_argument("--drop-bad-runs", action="store_true",
                     help="leave out runs with a metric value that is not a finite number (default: an error)")
+    ap.add_argument("--reference", metavar="PRESET",
+                    help="print the finished runs of a paper preset beside its paper's figures "
+                         "(configs/reference/PRESET.yaml, rftbench.reference) and write nothing")
     args = ap.parse_args(argv)
     if not Path(args.runs).is_dir():
         raise SystemExit(f"--runs {args.runs}: no such folder" + (" (it is a file)" if Path(args.runs).exists() else ""))
+    if args.reference:
+        print(reference_report(args.runs, args.reference))
+        return
     problem = out_problem(args.out)
     if problem:
         raise SystemExit(f"--out {args.out}: cannot be created: {problem}")

@@ -19,9 +19,9 @@ from hydra.types import RunMode
 
 from rftbench.identity import CONFIG_DIR
 from rftbench.results import load_metrics
-from rftbench.sweep import Job, error_line, expand  # noqa: F401 (Job: the rows' type)
+from rftbench.sweep import Job, error_line, expand, repeats_defaults  # noqa: F401 (Job: the rows' type)
 
-STATUSES = ("done", "damaged", "failed", "running", "incomplete", "pending")
+STATUSES = ("done", "damaged", "failed", "running", "incomplete", "pending", "repeat")
 COST_METRICS = ("adapt_time_s", "eval_time_s")
 
 
@@ -70,7 +70,7 @@ def plan(overrides: list[str], config_dir: str = CONFIG_DIR) -> pd.DataFrame:
     rows = []
     for i, (job, vary) in enumerate(zip(jobs, varying(jobs))):
         c = job.folder.columns
-        st = job.folder.status
+        st = "repeat" if repeats_defaults(job.cfg) else job.folder.status  # skipped by the sweep
         own = costs[costs["run_id"] == job.folder.run_id]
         cost, basis = ((float(own["seconds"].iloc[0]), "measured") if st == "done" and len(own)
                        else estimate(costs, c["suite"], c["backbone"], c["method"]))
@@ -79,7 +79,34 @@ def plan(overrides: list[str], config_dir: str = CONFIG_DIR) -> pd.DataFrame:
                      "status": st, "cost_s": cost, "cost_basis": basis, "folder": str(job.folder.path),
                      "error": error_line(job.folder) if st == "failed" else
                      job.folder.damage() if st == "damaged" else ""})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["features"] = feature_entries(jobs)
+    return table
+
+
+def feature_entries(jobs: list[Job]) -> list[str]:
+    """One line per (suite, backbone) of the sweep: the frozen-feature entries already in the store
+    (`rftbench.features`), which its frozen-backbone jobs (lp, ct, zeroshot, ...) read, not compute."""
+    from omegaconf import OmegaConf
+
+    from rftbench.features import entries_for
+
+    lines, seen = [], set()
+    for job in jobs:
+        cfg = job.cfg
+        if not (cfg.get("features") or {}).get("store", True):
+            continue
+        backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+        key = (cfg.suite.name, cfg.backbone.name, str(backbone))
+        if key in seen:
+            continue
+        seen.add(key)
+        found = entries_for(Path(cfg.paths.cache) / "features", backbone, cfg.suite.name)
+        size = sum(e["bytes"] for e in found) / 2 ** 20
+        lines.append(f"feature store: {cfg.suite.name}/{cfg.backbone.name}: {len(found)} entries "
+                     f"({size:.1f} MiB) already computed" + (" (one per extractor: the plain backbone, each "
+                     "CT beta)" if found else ""))
+    return lines
 
 
 def _duration(seconds: float) -> str:
@@ -94,13 +121,17 @@ def report(table: pd.DataFrame) -> str:
     counts = ", ".join(f"{(table['status'] == s).sum()} {s}" for s in STATUSES if (table["status"] == s).any())
     shown = table[["job", "overrides", "method", "seed", "status", "cost_s", "cost_basis", "folder"]].copy()
     shown["cost_s"] = shown["cost_s"].map(_duration)
-    todo = table[table["status"] != "done"]
+    todo = table[~table["status"].isin(["done", "repeat"])]
     unknown = int(todo["cost_s"].isna().sum())
     lines = [f"sweep plan: {len(table)} jobs: {counts}", shown.to_string(index=False),
              f"to run: {len(todo)} jobs, estimated {_duration(todo['cost_s'].sum(skipna=True))} of compute "
              f"(one after another; divide by the parallel jobs)"
              + (f", {unknown} without an estimate" if unknown else "")]
+    lines += table.attrs.get("features", [])
     failed = table[table["status"] == "failed"]
+    if (table["status"] == "repeat").any():
+        lines.append("repeat: an hp_seed > 0 draw of a method with an empty search space is hp_seed=0's run; "
+                     "the sweep skips it")
     lines += [f"failed: {r.folder}: {r.error}" for r in failed.itertuples()]
     lines += [f"damaged (redone by the next sweep): {r.folder}: {r.error}"
               for r in table[table["status"] == "damaged"].itertuples()]

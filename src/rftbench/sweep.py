@@ -117,6 +117,13 @@ def sample_hparams(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def repeats_defaults(cfg: DictConfig) -> bool:
+    """An hp_seed > 0 draw of a method with nothing to tune (an empty search space, e.g. zeroshot,
+    soup, ct_robust): it keeps the defaults, the very work of hp_seed=0, so a sweep skips it instead
+    of running an identical copy under another run id."""
+    return int(cfg.get("hp_seed", 0) or 0) > 0 and search_space(cfg) == []
+
+
 def slots_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"rftbench-gpu-slots-{os.getuid()}"
 
@@ -180,6 +187,10 @@ def run_task(cfg: DictConfig, execute: Callable[[DictConfig], str]) -> str:
     """The Hydra task: draw hyper-parameters, claim a GPU, execute. A single run raises on failure;
     in a multirun the failure is already recorded in the run folder, the job returns 'failed' (or
     'busy' when another process computes the run) and the sweep goes on."""
+    if repeats_defaults(cfg):
+        log.info("skip hp_seed=%s of method=%s: it has no search space, so this draw is hp_seed=0's run",
+                 cfg.hp_seed, cfg.method.name)
+        return "skipped"
     try:
         with device_slot(sample_hparams(cfg)) as job:
             return execute(job)
@@ -300,7 +311,8 @@ class SweepSummary(Callback):
         for job, before in self.jobs:
             after = job.folder.status
             rec = {"overrides": job.overrides, "folder": str(job.folder.path), "run_id": job.folder.run_id,
-                   "before": before, "after": after, "outcome": outcome(before, after)}
+                   "before": before, "after": after,
+                   "outcome": "skipped" if repeats_defaults(job.cfg) else outcome(before, after)}
             if rec["outcome"] == "failed":
                 rec["error"] = error_line(job.folder)
             jobs.append(rec)

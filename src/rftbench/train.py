@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rftbench.data.base import Split, batches
+from rftbench.data.base import Split, batches, scored_logits
+from rftbench.features import FeatureStore
 from rftbench.progress import bar
 from rftbench.selection import Running
 
@@ -62,6 +63,7 @@ class RunContext:
     eval_batch_size: int = 512
     num_workers: int = 0
     spec: dict = field(default_factory=dict)  # resolved backbone + suite + seed: the starting point
+    store: FeatureStore = field(default_factory=FeatureStore)  # frozen features (default: in memory)
 
     @property
     def cuda(self) -> bool:
@@ -114,12 +116,29 @@ def count_params(params: nn.Module | Iterable[torch.Tensor], *, trainable: bool 
     return sum(t.numel() for t in flat if t.requires_grad or not trainable)
 
 
+def _warmup_steps(cfg: dict, steps_per_epoch: int) -> int:
+    """The scheduler's linear warm-up in optimizer steps: `warmup_steps`, or `warmup_epochs` x
+    `steps_per_epoch` (rounded down); giving both is an error."""
+    steps, epochs = cfg.get("warmup_steps"), cfg.get("warmup_epochs")
+    if steps is not None and epochs is not None:
+        raise ValueError(f"scheduler: give warmup_steps ({steps}) or warmup_epochs ({epochs}), not both; "
+                         f"set the other to null")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"scheduler.warmup_steps must be an integer >= 0, got {steps!r}")
+        return steps
+    return int((epochs or 0) * steps_per_epoch)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict | None, epochs: int, steps_per_epoch: int):
-    """Per-step LambdaLR from `{name: cosine|step|constant, warmup_epochs, milestones, gamma}`."""
+    """Per-step LambdaLR from `{name: cosine|step|constant, warmup_epochs | warmup_steps, milestones,
+    gamma}`: a linear warm-up (step s < W: factor (s + 1) / W) over W optimizer steps (`warmup_steps`,
+    or `warmup_epochs` x steps per epoch), then the schedule; cosine spans the steps after the warm-up:
+    0.5 (1 + cos(pi (s - W) / (T - W))) of T = epochs x steps per epoch steps in all."""
     cfg = dict(cfg or {"name": "constant"})
     name = cfg.get("name", "constant")
     total = max(1, epochs * steps_per_epoch)
-    warm = int(cfg.get("warmup_epochs", 0) * steps_per_epoch)
+    warm = _warmup_steps(cfg, steps_per_epoch)
     if name == "cosine":
         def f(step):
             if step < warm:
@@ -163,11 +182,42 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def check_accumulate(accumulate: int, batch_size: int) -> None:
+    """`accumulate` must be an integer in [1, batch_size] (`budget.accumulate`)."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or not 1 <= accumulate <= batch_size:
+        raise ValueError(f"budget.accumulate must be an integer from 1 to the batch size "
+                         f"(budget.batch_size = {batch_size}), got {accumulate!r}")
+
+
+def micro_batches(n: int, batch_size: int, accumulate: int) -> int:
+    """How many micro-batches a batch of `n` images is split into: `accumulate` for a full batch, and
+    for a shorter one (an epoch's last) the fewest that keep every micro-batch within a full batch's
+    (ceil(accumulate * n / batch_size)), so that it is not cut into needlessly small pieces (a
+    BatchNorm layer in train mode cannot normalise a micro-batch of one image)."""
+    return -(-accumulate * n // batch_size)
+
+
+def accumulate_gradients(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, ctx: RunContext, *,
+                         forward: Callable, loss_fn: Callable, batch_size: int, accumulate: int) -> torch.Tensor:
+    """Forward and backward of one batch as `micro_batches` micro-batches whose sizes differ by at
+    most one, run one after another. Each micro-batch's loss is weighted by its share of the batch,
+    so the summed gradient is the gradient of the batch's mean loss; returns that loss (detached,
+    float32)."""
+    parts = micro_batches(len(xb), batch_size, accumulate)
+    total = torch.zeros((), device=xb.device)
+    for xm, ym in zip(torch.tensor_split(xb, parts), torch.tensor_split(yb, parts)):
+        with ctx.autocast():
+            loss = loss_fn(forward(model, xm), ym) * (len(xm) / len(xb))
+        loss.backward()
+        total += loss.detach().float()
+    return total
+
+
 def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimizer: Callable,
         epochs: int, batch_size: int, scheduler: dict | None = None, params: list | None = None,
         checkpoint_key: str | None, exclude: Iterable[nn.Parameter] = (), loss_fn: Callable | None = None,
         forward: Callable | None = None, bn_eval: bool = False, label_smoothing: float = 0.0,
-        select: str = "val", after_step: StepHook | None = None) -> FitResult:
+        select: str = "val", after_step: StepHook | None = None, accumulate: int = 1) -> FitResult:
     """Train `params` (default: every parameter that requires grad) and keep the best val epoch
     (`rftbench.selection`: ties -> the earlier epoch).
 
@@ -178,7 +228,15 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     `select="last"` keeps the final epoch instead of the best val epoch. `after_step(model)` runs
     after every optimizer step (e.g. TPGM's projection); its `state_dict()` travels with the
     checkpoints, so a resumed training continues it too.
+
+    `batch_size` is the effective batch of one optimizer step; `accumulate` (`budget.accumulate`)
+    only splits each batch into that many micro-batches run forward and backward one after another
+    (`micro_batches`; peak memory ~ batch_size / accumulate images). Data order, optimizer and
+    scheduler steps and checkpoints are those of `accumulate=1`; the weights agree to float rounding,
+    except where a batch statistic is computed per micro-batch (BatchNorm in train mode, in-batch
+    contrastive losses): docs/protocol.md section 3.
     """
+    check_accumulate(accumulate, batch_size)
     if select not in ("val", "last"):
         raise ValueError(f"select must be 'val' or 'last', got {select!r}")
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -228,15 +286,13 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
                           f"epoch {epoch}/{epochs}", total=steps, unit="batch"):
             if ctx.cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with ctx.autocast():
-                loss = loss_fn(forward(model, xb), yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total += accumulate_gradients(model, xb, yb, ctx, forward=forward, loss_fn=loss_fn,
+                                          batch_size=batch_size, accumulate=accumulate)
             opt.step()
             if after_step is not None:
                 after_step(model)
             sched.step()
-            total += loss.detach().float()
         train_loss = float(total) / steps
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(
@@ -289,7 +345,9 @@ def predict(model: nn.Module, split: Split, ctx: RunContext, fn: Callable | None
 
 
 def accuracy_on(model: nn.Module, split: Split, ctx: RunContext) -> float:
-    logits = predict(model, split, ctx)
+    """Accuracy on `split`, scored as the evaluation scores it (`rftbench.data.base.scored_logits`:
+    ImageNet-R/A's class mask, ObjectNet's pooled classes)."""
+    logits = scored_logits(predict(model, split, ctx), split)
     return (logits.argmax(1) == split.labels).float().mean().item()
 
 
@@ -299,8 +357,9 @@ def mean_accuracy(model: nn.Module, splits: Sequence[Split], ctx: RunContext) ->
 
 
 def extract_features(model: nn.Module, split: Split, ctx: RunContext) -> torch.Tensor:
-    """Pooled features `model.features(x)` of a whole split (no augmentation): cache for probes."""
-    return predict(model, split, ctx, fn=lambda m, x: m.features(x))
+    """Pooled features `model.features(x)` of a whole split (no augmentation) of a frozen backbone,
+    through the run's feature store (`rftbench.features`: computed once, shared by runs)."""
+    return ctx.store.features(model, split, ctx)
 
 
 @dataclass

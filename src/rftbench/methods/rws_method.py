@@ -71,7 +71,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from rftbench.data import corruptions as C
-from rftbench.data.base import Split, Suite, balanced_subset, batches
+from rftbench.data.base import Split, Suite, balanced_subset, batches, scored_logits
 from rftbench.evaluate import row, split_rows, summary_rows
 from rftbench.methods import ft, rws
 from rftbench.methods.base import Adapted, cached_training, state_of
@@ -306,7 +306,7 @@ def adapt(model: nn.Module, suite: Suite, ctx: RunContext, *, recipe: dict, coef
         rows += [_acc_row(work, tests[c], "acc_quant", ctx) for c in names]
         rows.append(_acc_row(work, full["test"], "acc_quant", ctx))
         for c in names:
-            rows += split_rows(tests[c], predict(final, tests[c], ctx))
+            rows += split_rows(tests[c], scored_logits(predict(final, tests[c], ctx), tests[c]))
         rows += bn_only_rows(patcher.load(work, signatures, rws.compose_coeffs(names, alpha), bn_only=True),
                              full, tests, ctx)
         for metric in ("acc", "acc_single", "acc_quant"):
@@ -333,8 +333,8 @@ def bn_only_rows(model: nn.Module, full: Suite, seen_tests: Mapping[str, Split],
     per-shift means, and the seen corruptions on the test set."""
     rows = [row("-", "val_acc", accuracy_on(model, full.val, ctx))]
     for s in [*full.eval_splits(), *seen_tests.values()]:
-        rows += split_rows(s, predict(model, s, ctx))
-    rows += summary_rows(rows)
+        rows += split_rows(s, scored_logits(predict(model, s, ctx), s))
+    rows += summary_rows(rows, full.meta.get("headline_ood"))
     seen = [r["value"] for r in rows if r["metric"] == "acc" and r["split"].startswith("ood_seen/")]
     rows.append(row("ood_seen", "acc_mean", sum(seen) / len(seen), shift="corruption"))
     return [{**r, "detail": BN_ONLY} for r in rows]

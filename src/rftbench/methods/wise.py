@@ -103,7 +103,7 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, recipe: dict, probe_
             m.load_state_dict(interpolate(theta0, theta1, a))
             accs = [row(s.name, "acc", accuracy_on(m, s, ctx), shift=s.shift) for s in full.eval_splits()]
             rec = {k: v[j] for k, v in table.items()}
-            rec.update({f"{r['split']}_{r['metric']}": r["value"] for r in accs + summary_rows(accs)})
+            rec.update({f"{r['split']}_{r['metric']}": r["value"] for r in accs + summary_rows(accs, full.meta.get("headline_ood"))})
             rows.append(rec)
         return {"wise_sweep": pd.DataFrame(rows)}, []
 
@@ -113,4 +113,6 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, recipe: dict, probe_
         info["converged"] = tuned.info["converged"]
     return Adapted(work, val_acc=table["val_acc"][i], trainable_params=tuned.trainable_params,
                    train_time_s=tuned.train_time_s, reused_time_s=tuned.reused_time_s, info=info,
-                   tables={"wise_sweep": pd.DataFrame(table)}, analysis=analysis)
+                   tables={"wise_sweep": pd.DataFrame(table)}, analysis=analysis,
+                   select_score=table["ood_val_acc"][i] if sel_splits else None,
+                   select_by="ood_val_acc" if sel_splits else "val_acc")
