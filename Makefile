@@ -4,6 +4,9 @@
 # make reproduce : rerun the committed benchmark from an empty cache and compare with results/
 #                  (make reproduce EXPERIMENT=bench_tuned: the tuned one, against results/tuned/)
 # make lock      : re-resolve the dependencies of pyproject.toml and rewrite requirements.lock
+# make perf      : rftbench's hot paths against bare PyTorch loops -> results/perf.md
+#                  (make perf PERF_ARGS="--quick --out /tmp/perf.md": a smoke run elsewhere)
+# make test-gpu  : the gpu-marked tests (CUDA: bf16 + channels_last, CT, AutoAttack, joblib, store)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -13,6 +16,7 @@ LOCK := requirements.lock
 RUNS ?= runs
 RUNS_TUNED ?= runs-tuned
 EXPERIMENT ?= bench
+PERF_ARGS ?=
 # RobustBench 1.1.1 pins timm==1.0.9 and gdown==5.1.0, so it is installed without its dependencies
 # (they are listed in pyproject.toml); its two extra modules come the same way.
 NODEPS := robustbench==1.1.1 torchdiffeq==0.2.5 geotorch==0.4.0
@@ -49,6 +53,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
+
+# the CUDA path (tests/test_gpu.py and every other gpu-marked test); skipped without CUDA
+.PHONY: test-gpu perf
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
+# every hot path against a bare loop, interleaved, medians (scripts/perf.py); on an idle machine
+perf: $(STAMP)
+	$(PY) scripts/perf.py $(PERF_ARGS)
 
 # the submitit_slurm preset against a real one-node SLURM on this machine (scripts/slurm_localhost.sh;
 # installs slurm-wlm and munge with apt-get when missing, so run it as root)

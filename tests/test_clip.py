@@ -124,3 +124,16 @@ def test_ct_converts_every_relu_of_clip_rn50(single_thread):
     assert relus == 51 == count_relu_calls(model, x)  # stem 3 + 16 bottlenecks x 3
     ct = apply_ct(model, 0.9, example_input=x)
     assert ct.ct_sites == 51 and count_relu_calls(ct, x) == 0
+
+
+@pytest.mark.parametrize("content", ["other_architecture", "not_a_checkpoint"])
+def test_a_clip_checkpoint_that_does_not_fit_names_backbone_checkpoint(tmp_path, tiny_clip, content, single_thread):
+    from rftbench.backbones import CheckpointError
+
+    path = tmp_path / "bad.pt"
+    if content == "other_architecture":
+        torch.save(nn.Linear(3, 4).state_dict(), path)
+    else:
+        path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=rf"backbone.checkpoint={path} cannot be loaded into open_clip {tiny_clip}"):
+        clip.create_open_clip(tiny_clip, None, pretrained=False, checkpoint=str(path))

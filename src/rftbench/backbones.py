@@ -24,7 +24,8 @@ from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU}  # backbone.activation: what replaces every GELU (ReLU Swin of the CT paper)
 
-from rftbench.classifier import HEAD_ORIGINS, IMAGENET_MEAN, IMAGENET_STD, Classifier, Normalize  # noqa: F401
+from rftbench.classifier import (  # noqa: F401 (re-exported: the runner's and the tests' names)
+    HEAD_ORIGINS, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, Classifier, Normalize)
 
 
 def _split_timm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -140,10 +141,6 @@ def replace_activation(model: nn.Module, old: type[nn.Module], new: type[nn.Modu
     if not targets:
         raise ValueError(f"{type(model).__name__} has no {old.__name__} modules to replace by {new.__name__}")
     return len(targets)
-
-
-class CheckpointError(ValueError):
-    """`backbone.checkpoint` cannot be used: refused by the safe loader, or of another architecture."""
 
 
 def mismatch(module: nn.Module, state: dict[str, torch.Tensor], examples: int = 3) -> str:

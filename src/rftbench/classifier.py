@@ -26,6 +26,11 @@ class Normalize(nn.Module):
 HEAD_ORIGINS = ("pretrained", "zeroshot", "random", "probed")
 
 
+class CheckpointError(ValueError):
+    """`backbone.checkpoint` cannot be used: refused by the safe loader, or of another architecture
+    (raised by `rftbench.backbones` and `rftbench.clip`)."""
+
+
 class Classifier(nn.Module):
     """normalize -> body (pooled features, shape (B, D)) -> head (nn.Linear).
 

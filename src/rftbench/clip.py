@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from rftbench.classifier import Classifier, Normalize
+from rftbench.classifier import CheckpointError, Classifier, Normalize
 from rftbench.data.base import Suite
 
 TEMPLATES = {"openai": open_clip.OPENAI_IMAGENET_TEMPLATES, "simple": open_clip.SIMPLE_IMAGENET_TEMPLATES}
@@ -73,7 +73,16 @@ def create_open_clip(arch: str, pretrained_tag: str | None, pretrained: bool,
         source = checkpoint
     else:
         source = pretrained_tag if pretrained else None
-    model = open_clip.create_model(arch, pretrained=source, force_quick_gelu=quick_gelu, pretrained_text=False)
+    try:
+        model = open_clip.create_model(arch, pretrained=source, force_quick_gelu=quick_gelu, pretrained_text=False)
+    except Exception as exc:
+        if checkpoint is None:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"backbone.checkpoint={checkpoint} cannot be loaded into open_clip {arch}: "
+                              f"{type(exc).__name__}: {first[:300]}. Give an open_clip checkpoint of this "
+                              f"architecture (its state dict, e.g. from open_clip.create_model(...).state_dict())"
+                              ) from None
     return model.eval()
 
 

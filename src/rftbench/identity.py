@@ -19,8 +19,8 @@ from rftbench.utils import stable_hash
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Keys that do not change the work a run does: left out of the run id (and of the variant id).
 # (`tune` only says how many hp_seed draws a sweep makes: experiment=bench_tuned's hp_seed=0 runs are
-# experiment=bench's runs.)
-NOT_WORK = ("paths", "device", "num_workers", "threads", "tracking", "launcher", "tune")
+# experiment=bench's runs. `features` says where frozen features are kept: bit-identical either way.)
+NOT_WORK = ("paths", "device", "num_workers", "threads", "tracking", "launcher", "tune", "features")
 # Nested keys (paths) that do not change the work either.
 # (`method.search` is where hp_seed draws come from; the drawn values themselves are in the config.
 # `method.adapt.probe_memory_gb` only splits CT's batched probes, which are bit-exact either way.)

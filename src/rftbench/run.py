@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -25,7 +26,8 @@ from rftbench.backbones import Classifier, create_backbone, require_weights
 from rftbench.data.base import Suite
 from rftbench.evaluate import evaluate, row
 from rftbench.identity import CONFIG_DIR, run_id, run_id_of, start_spec  # noqa: F401 (the runner's API)
-from rftbench.methods.base import Adapted, validate
+from rftbench.features import FeatureStore
+from rftbench.methods.base import Adapted, ContractError, validate
 from rftbench.results import environment, run_folder
 from rftbench.summary import summary_block
 from rftbench.train import RunContext, count_params
@@ -57,6 +59,13 @@ def resolve_workers(value: int | str) -> int:
     if not isinstance(value, int) or value < 0:
         raise ValueError(f"num_workers={value!r}: give a non-negative int or auto")
     return value
+
+
+def feature_store(cfg: DictConfig) -> FeatureStore:
+    """The run's frozen-feature store (`features`): under <paths.cache>/features, or in memory."""
+    node = cfg.features
+    root = Path(cfg.paths.cache) / "features" if node.store else None
+    return FeatureStore(root, node.max_gb, node.batch_size)
 
 
 def build_model(cfg: DictConfig, suite: Suite, ctx: RunContext) -> Classifier:
@@ -141,7 +150,8 @@ def execute(cfg: DictConfig) -> str:
         device = resolve_device(cfg.device)
         ctx = RunContext(device=device, seed=cfg.seed, cache_dir=Path(cfg.paths.cache),
                          run_dir=folder.path, eval_batch_size=cfg.eval.batch_size,
-                         num_workers=resolve_workers(cfg.num_workers), spec=start_spec(cfg))
+                         num_workers=resolve_workers(cfg.num_workers), spec=start_spec(cfg),
+                         store=feature_store(cfg))
         try:
             ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a read-only shared cache: entries are read, new ones not stored
@@ -167,6 +177,9 @@ def execute(cfg: DictConfig) -> str:
         tables = dict(adapted.tables)
         moved = deviation.deviation_table(start_weights, adapted.model)
         del start_weights
+        if adapted.frozen_backbone and not moved.empty:
+            raise ContractError(f"method={cfg.method.name}: Adapted.frozen_backbone is set but the backbone's "
+                                f"weights changed ({len(moved)} tensors); fix the method's adapt function")
         if not moved.empty:  # a method that trained the backbone: how far it moved (rftbench.deviation)
             tables["deviation"] = moved
             adapted.info = {**adapted.info, **deviation.totals(moved)}
@@ -174,7 +187,8 @@ def execute(cfg: DictConfig) -> str:
             extra_tables, extra_rows = adapted.analysis(suite)
             tables.update(extra_tables)
             adapted.rows = [*adapted.rows, *extra_rows]
-        rows = evaluate(adapted.model, suite, ctx, OmegaConf.to_container(cfg.eval, resolve=True))
+        rows = evaluate(adapted.model, suite, ctx, OmegaConf.to_container(cfg.eval, resolve=True),
+                        frozen_backbone=adapted.frozen_backbone)
         rows += [row("-", "val_acc", adapted.val_acc),
                  row("-", "trainable_params", adapted.trainable_params),
                  row("-", "trainable_frac", adapted.trainable_params / max(n_params, 1)),
@@ -183,6 +197,9 @@ def execute(cfg: DictConfig) -> str:
                  row("-", "n_train", len(suite.train))]
         if ctx.cuda:
             rows.append(row("-", "peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30))
+        if adapted.select_score is not None:  # the objective the method chose by (the leaderboard ranks by it)
+            rows.append(row("-", "select_score", adapted.select_score,
+                            detail=json.dumps({"objective": adapted.select_by})))
         rows += adapted.rows
         if "converged" in adapted.info:  # 0: a training's best val epoch was its last (rftbench.train.fit)
             rows.append(row("-", "converged", adapted.info["converged"]))
@@ -197,6 +214,8 @@ def execute(cfg: DictConfig) -> str:
                                         "reused_time_s": adapted.reused_time_s, "head_origin": head_origin})
         folder.write_metrics(rows, cfg.seed)
         folder.write_json("env.json", environment(str(device), threads))
+        if ctx.store.records:  # which frozen-feature rows the run computed and which it reused
+            folder.write_json("features.json", ctx.store.summary())
         tracking.log_run(cfg, folder)
         folder.finish()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: no error recorded: the rerun resumes (status incomplete)

@@ -5,7 +5,7 @@ Checked: the integer keys (`INTEGERS`), every evaluation key (`eval.*`: the atta
 tier and sizes, the batch size and the ECE bins), keys added with Hydra's `+` that the evaluation or
 the method's `adapt` function would ignore or reject only after training (unknown `eval.*` keys,
 compared with configs/eval/default.yaml; `method.adapt` keys that are not parameters of its
-`_target_`), a backbone pre-training recipe set for a backbone without one, and cache / runs
+`_target_`), the feature store's keys (`features.store`, `features.max_gb`, `features.batch_size`), a backbone pre-training recipe set for a backbone without one, and cache / runs
 folders that are files (or under one). A `threads` value above the available cores is a warning,
 not an error (it runs, only slower). `check_suite` runs right after the suite is built, before the
 weights and any training: the checks that need its splits (train / val / test present, the attack
@@ -25,9 +25,9 @@ from rftbench.utils import available_cores, file_in_the_way
 log = logging.getLogger("rftbench")
 
 # key -> smallest valid value; each must be an integer
-INTEGERS = {"seed": 0, "hp_seed": 0, "budget.epochs": 1, "budget.batch_size": 1,
-            "eval.batch_size": 1, "eval.ece_bins": 1, "eval.adversarial.n": 1, "eval.adversarial.seed": 0,
-            "eval.adversarial.n_iter": 1, "eval.adversarial.n_target_classes": 1, "eval.adversarial.batch_size": 1}
+INTEGERS = {"seed": 0, "hp_seed": 0, "budget.epochs": 1, "budget.batch_size": 1, "budget.accumulate": 1,
+            "eval.batch_size": 1, "features.batch_size": 1, "eval.ece_bins": 1, "eval.adversarial.n": 1,
+            "eval.adversarial.seed": 0, "eval.adversarial.n_iter": 1, "eval.adversarial.n_target_classes": 1, "eval.adversarial.batch_size": 1}
 EVAL_DEFAULTS = Path(CONFIG_DIR) / "eval" / "default.yaml"
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
@@ -68,6 +68,10 @@ def _check_eval(cfg: DictConfig) -> None:
     tier = adv.get("tier")
     if tier is not None and tier not in TIERS:
         raise ConfigError(f"eval.adversarial.tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    from rftbench.evaluate import SUBSETS
+
+    if adv.get("subset") is not None and adv.get("subset") not in SUBSETS:
+        raise ConfigError(f"eval.adversarial.subset must be one of {', '.join(SUBSETS)}, got {adv.get('subset')!r}")
     threats = adv.get("threats")
     if threats is None:
         return
@@ -107,6 +111,20 @@ def _check_adapt(cfg: DictConfig) -> None:
                               f"valid: {', '.join(valid)}")
 
 
+def _check_features(cfg: DictConfig) -> None:
+    node = cfg.get("features")
+    if node is None:
+        return
+    unknown = sorted(set(node) - {"store", "max_gb", "batch_size"})
+    if unknown:
+        raise ConfigError(f"unknown key features.{unknown[0]}; valid keys of features: store, max_gb, batch_size")
+    if not isinstance(node.get("store"), bool):
+        raise ConfigError(f"features.store must be true or false, got {node.get('store')!r}")
+    cap = node.get("max_gb")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+        raise ConfigError(f"features.max_gb must be a number > 0 (GiB) or null (no cap), got {cap!r}")
+
+
 def _check_threads(cfg: DictConfig) -> None:
     threads, cores = cfg.get("threads"), available_cores()
     if isinstance(threads, int) and not isinstance(threads, bool) and threads > cores:
@@ -134,6 +152,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_paths(cfg)
     _check_eval(cfg)
     _check_adapt(cfg)
+    _check_features(cfg)
     _check_threads(cfg)
     if OmegaConf.select(cfg, "backbone.source", default=None) == "timm":
         from rftbench.backbones import require_timm_model
@@ -174,7 +193,14 @@ def check_suite(cfg: DictConfig, suite) -> None:
                     "through the pre-trained head", suite.name, len(empty), suite.num_classes, ", ".join(shown),
                     ", ..." if len(empty) > 10 else "")
     adv = cfg.eval.get("adversarial") or {}
-    if adv.get("enabled"):
+    if adv.get("enabled") and adv.get("subset", "balanced") != "balanced":
+        from rftbench.evaluate import attack_subset
+
+        try:  # the first n / RobustBench's list: the images are there
+            attack_subset(suite["test"], adv)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(str(exc)) from None
+    elif adv.get("enabled"):
         n = int(adv["n"])
         test = torch.bincount(torch.as_tensor(suite["test"].labels).long(), minlength=suite.num_classes)
         present = test[test > 0]

@@ -39,7 +39,14 @@ class Adapted:
     - `rows`: extra metric rows (`rftbench.evaluate.row`);
     - `info`: free-form scalars (what was chosen or measured), recorded as `chosen/<key>` rows;
     - `analysis`: optional `f(suite) -> (tables, rows)` the runner calls after `adapt`, with the test
-      splits available: oracle numbers for analysis only, never part of a choice.
+      splits available: oracle numbers for analysis only, never part of a choice;
+    - `select_score`, `select_by`: when the method chose on validation data by another objective than
+      `val_acc` (e.g. ct_robust's robust val accuracy, wise's ood_val mean), that objective's value for
+      the returned model and its name; the leaderboard then ranks the method's hyper-parameter
+      variants by it (None: by `val_acc`);
+    - `frozen_backbone`: the returned `Classifier`'s features are those of a frozen extractor (the
+      pre-trained body, possibly with CT units): the runner then evaluates it as its head on the
+      feature store's rows (`rftbench.features`), shared with every other run of that extractor.
     """
 
     model: nn.Module
@@ -51,6 +58,9 @@ class Adapted:
     rows: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     analysis: Callable | None = None
+    select_score: float | None = None
+    select_by: str = "val_acc"
+    frozen_backbone: bool = False
 
 
 class ContractError(ValueError):
@@ -81,6 +91,16 @@ def validate(adapted: object, method: str) -> Adapted:
         raise bad("`tables` a dict, `rows` a list and `info` a dict")
     if adapted.analysis is not None and not callable(adapted.analysis):
         raise bad("`analysis` None or a function of the suite")
+    sc = adapted.select_score
+    if sc is not None and (not isinstance(sc, Real) or isinstance(sc, bool) or not math.isfinite(sc)):
+        raise bad(f"`select_score` None or the finite value of the method's validation objective, got {sc!r}")
+    if sc is not None and (not isinstance(adapted.select_by, str) or adapted.select_by in ("", "val_acc")):
+        raise bad(f"`select_by` the name of the objective behind `select_score`, got {adapted.select_by!r}")
+    if adapted.frozen_backbone:
+        from rftbench.classifier import Classifier
+
+        if not isinstance(adapted.model, Classifier):
+            raise bad(f"`frozen_backbone` only for a rftbench Classifier, got {type(adapted.model).__name__}")
     return adapted
 
 

@@ -54,12 +54,10 @@ from rftbench.progress import bar
 from rftbench.selection import select
 from rftbench.train import (
     RunContext,
-    accuracy_on,
     count_params,
     extract_features,
     fit,
     fit_probes,
-    mean_accuracy,
 )
 
 log = logging.getLogger("rftbench")
@@ -151,7 +149,7 @@ def model_sweep(ct_model: nn.Module, split: Split, ctx: RunContext, grid: Sequen
     out = {}
     for beta in bar(grid, f"CT beta sweep ({split.name})"):
         set_beta(ct_model, beta)
-        out[beta] = accuracy_on(ct_model, split, ctx)
+        out[beta] = ctx.store.accuracy(ct_model, split, ctx)  # frozen: head on the stored features
         log.info("beta %.4g  %s_acc %.4f", beta, split.name, out[beta])
     return out
 
@@ -178,7 +176,7 @@ def _sweep_result(ct_model: Classifier, ctx: RunContext, val_accs: dict[float, f
                 set_beta(ct_model, beta)
                 if heads is not None:
                     ct_model.head = heads[beta]
-                test_accs[beta] = accuracy_on(ct_model, suite["test"], ctx)
+                test_accs[beta] = ctx.store.accuracy(ct_model, suite["test"], ctx)
         finally:
             set_beta(ct_model, best)
             if heads is not None:
@@ -205,7 +203,7 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, betas: Mapping | 
     best, table, analysis = _sweep_result(ct_model, ctx, val_accs, heads, oracle_test)
     info = {"beta": best, "coeff": coeff, "ct_sites": ct_model.ct_sites, "probe_epoch": fitted[best][1]}
     return Adapted(ct_model.eval(), val_acc=val_accs[best], trainable_params=count_params(ct_model.head),
-                   info=info, tables={"beta_sweep": table}, analysis=analysis)
+                   info=info, tables={"beta_sweep": table}, analysis=analysis, frozen_backbone=True)
 
 
 SELECTS = ("robust", "corruption", "clean")
@@ -248,9 +246,9 @@ def robust_objective(split: Split, attack_cfg: Mapping, ctx: RunContext) -> Obje
 
 
 def accuracy_objective(splits: Sequence[Split], ctx: RunContext) -> Objective:
-    """Mean accuracy over `splits` (`objective`)."""
+    """Mean accuracy over `splits` (`objective`) of the frozen CT model (head on stored features)."""
     def measure(model: nn.Module) -> dict[str, float]:
-        return {"objective": mean_accuracy(model, splits, ctx)}
+        return {"objective": sum(ctx.store.accuracy(model, s, ctx) for s in splits) / len(splits)}
 
     return measure
 
@@ -348,12 +346,15 @@ def adapt_robust(model: Classifier, suite: Suite, ctx: RunContext, *, betas: Map
     if select == "robust":
         info["select_n"] = int(val_attack["n"])
     return Adapted(ct_model.eval(), val_acc=val_accs[best], trainable_params=0, info=info,
-                   tables={"beta_sweep": sweep_table({})}, analysis=analysis if oracle_test else None)
+                   tables={"beta_sweep": sweep_table({})}, analysis=analysis if oracle_test else None,
+                   select_score=None if select == "clean" else val[best]["objective"],
+                   select_by="val_acc" if select == "clean" else f"{select}_val_objective", frozen_backbone=True)
 
 
 def adapt_trainable(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callable, epochs: int,
                     batch_size: int, ct_lr: float = 0.1, decay_at: float = 0.5, gamma: float = 0.1,
-                    warmup_epochs: int = 1, r_init: float = 1.386, q_init: float = 0.0) -> Adapted:
+                    warmup_epochs: int = 1, r_init: float = 1.386, q_init: float = 0.0,
+                    accumulate: int = 1) -> Adapted:
     """Trainable CT: per-channel beta and coeff at every site trained with the head (optimizer's lr;
     CT parameters at `ct_lr`), `warmup_epochs` of linear warm-up (the official 1), lr x `gamma`
     after `decay_at` of the epochs, backbone weights and BatchNorm statistics frozen, best epoch by
@@ -368,7 +369,7 @@ def adapt_trainable(model: Classifier, suite: Suite, ctx: RunContext, *, optimiz
               batch_size=batch_size, params=[{"params": ct_params, "lr": ct_lr}, {"params": head}],
               scheduler={"name": "step", "milestones": [milestone], "gamma": gamma,
                          "warmup_epochs": warmup_epochs}, bn_eval=True,
-              checkpoint_key="ct_trainable")
+              checkpoint_key="ct_trainable", accumulate=accumulate)
     mean_beta, mean_coeff = mean_beta_coeff(ct_model)
     info = {"mean_beta": mean_beta, "mean_coeff": mean_coeff, "ct_sites": ct_model.ct_sites,
             "best_epoch": res.best_epoch, "converged": int(res.converged)}

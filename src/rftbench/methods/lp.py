@@ -26,4 +26,4 @@ def probe(model: Classifier, suite: Suite, ctx: RunContext, **probe_cfg) -> tupl
 def adapt(model: Classifier, suite: Suite, ctx: RunContext, probe_cfg: dict | None = None) -> Adapted:
     model, val_acc, epoch = probe(model, suite, ctx, **(probe_cfg or {}))
     return Adapted(model, val_acc=val_acc, trainable_params=count_params(model.head),
-                   info={"probe_epoch": epoch})
+                   info={"probe_epoch": epoch}, frozen_backbone=True)

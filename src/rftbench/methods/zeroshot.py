@@ -4,7 +4,7 @@ from __future__ import annotations
 from rftbench.backbones import Classifier
 from rftbench.data.base import Suite
 from rftbench.methods.base import Adapted
-from rftbench.train import RunContext, accuracy_on
+from rftbench.train import RunContext
 
 
 def adapt(model: Classifier, suite: Suite, ctx: RunContext) -> Adapted:
@@ -13,4 +13,5 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext) -> Adapted:
             f"method=zeroshot needs a zero-shot head: the pre-trained classifier's rows of the classes of "
             f"suite {suite.name} (the suite must map its classes to the upstream ones) or a CLIP text-tower "
             f"head (the suite must name its classes), with suite.head_init 'zeroshot' or 'auto'")
-    return Adapted(model.eval(), val_acc=accuracy_on(model, suite.val, ctx), trainable_params=0)
+    return Adapted(model.eval(), val_acc=ctx.store.accuracy(model, suite.val, ctx), trainable_params=0,
+                   frozen_backbone=True)
