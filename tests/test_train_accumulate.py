@@ -221,53 +221,47 @@ def test_resume_with_accumulation_equals_the_uninterrupted_run(tmp_path):
 
 # --- configs and run identity -------------------------------------------------------------------
 
-TRAINING_METHODS = ["ft", "lpft", "wise", "rws", "soup", "bitfit", "l2sp", "mars_sp", "surgical", "tpgm",
-                    "tpgm_posthoc", "ct_trainable", "flyp", "ftp", "levi", "lora", "surgical_rgn"]
-
-
-def _recipes(node):
-    """Every training recipe (a mapping with epochs and batch_size) inside `node`, except the linear
-    probes' own recipe (`probe_cfg`: not the budget's)."""
-    if isinstance(node, dict):
-        if "epochs" in node and "batch_size" in node:
-            yield node
-        for key, value in node.items():
-            if key != "probe_cfg":
-                yield from _recipes(value)
-
-
-def test_method_ft_passes_budget_accumulate_to_fit_and_trains_batchnorm(make_cfg, monkeypatch, tmp_path):
-    """method=ft's configured adapt (recipe -> model cache -> finetune -> fit) with budget.accumulate=2
-    on a BatchNorm network: 50 images in batches of 16, so the last batch of 2 stays one micro-batch
-    (BatchNorm in train mode cannot normalise a single image)."""
+def test_method_ft_reads_the_runs_accumulate_and_trains_batchnorm(make_cfg, monkeypatch, tmp_path):
+    """method=ft's configured adapt (recipe -> model cache -> finetune -> fit) with accumulate=2 on
+    the run's context, on a BatchNorm network: 50 images in batches of 16, so the last batch of 2
+    stays one micro-batch (BatchNorm in train mode cannot normalise a single image)."""
     from hydra.utils import instantiate
 
+    from rftbench import train
     from rftbench.data.base import Suite
     from rftbench.methods import ft
 
     seen = []
-    monkeypatch.setattr(ft, "fit", lambda *a, **kw: seen.append(kw["accumulate"]) or fit(*a, **kw))
-    cfg = make_cfg("method=ft", "budget.accumulate=2")
+    real = train.micro_batches
+    monkeypatch.setattr(train, "micro_batches", lambda n, b, k: seen.append(k) or real(n, b, k))
+    cfg = make_cfg("method=ft")
     suite = Suite("toy", 3, {"train": _data(50, 1, "train", (3, 6, 6)), "val": _data(8, 2, "val", (3, 6, 6))})
-    adapted = instantiate(cfg.method.adapt)(_bn_net(), suite, RunContext(cache_dir=tmp_path))
-    assert seen == [2] and cfg.budget.batch_size == 16 and adapted.info["best_epoch"] >= 1
+    adapted = instantiate(cfg.method.adapt)(_bn_net(), suite, RunContext(cache_dir=tmp_path, accumulate=2))
+    assert set(seen) == {2} and cfg.budget.batch_size == 16 and adapted.info["best_epoch"] >= 1
+    assert ft.fit is fit
 
 
-@pytest.mark.parametrize("method", TRAINING_METHODS)
-def test_every_training_on_the_budget_gets_budget_accumulate(make_cfg, method):
-    from omegaconf import OmegaConf
+def test_the_runner_passes_budget_accumulate_to_every_fit_of_the_run(make_cfg, monkeypatch):
+    """The run's context carries budget.accumulate (fit's default), built before the data."""
+    from rftbench import run
 
-    cfg = make_cfg(f"method={method}", "budget.accumulate=4")
-    validate_config(cfg)  # method.adapt's keys are arguments of its target
-    adapt = OmegaConf.to_container(cfg.method.adapt, resolve=True)
-    recipes = list(_recipes(adapt))
-    assert recipes and all(r["batch_size"] == cfg.budget.batch_size for r in recipes)
-    assert all(r["accumulate"] == 4 for r in recipes)
+    seen = []
+
+    def stop(cfg, ctx):
+        seen.append(ctx.accumulate)
+        raise RuntimeError("stop after the context")
+    monkeypatch.setattr(run, "build_suite", stop)
+    with pytest.raises(RuntimeError, match="stop after the context"):
+        run.execute(make_cfg("method=ft", "budget.accumulate=4"))
+    assert seen == [4]
 
 
-def test_accumulate_is_part_of_the_run_id(make_cfg):
+def test_the_run_id_follows_the_effective_batch_not_the_split(make_cfg):
+    """budget.accumulate is a memory knob (like threads): the same run id for any split of the same
+    effective batch (budget.batch_size), another one for another batch size."""
     assert make_cfg().budget.accumulate == 1
-    assert run_id(make_cfg("budget.accumulate=2")) != run_id(make_cfg())
+    assert run_id(make_cfg("budget.accumulate=2")) == run_id(make_cfg())
+    assert run_id(make_cfg("budget.batch_size=32")) != run_id(make_cfg())
 
 
 # --- warm-up in optimizer steps -----------------------------------------------------------------

@@ -23,8 +23,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 NOT_WORK = ("paths", "device", "num_workers", "threads", "tracking", "launcher", "tune", "features")
 # Nested keys (paths) that do not change the work either.
 # (`method.search` is where hp_seed draws come from; the drawn values themselves are in the config.
-# `method.adapt.probe_memory_gb` only splits CT's batched probes, which are bit-exact either way.)
-NOT_WORK_NESTED = (("eval", "batch_size"), ("method", "search"), ("method", "adapt", "probe_memory_gb"))
+# `method.adapt.probe_memory_gb` only splits CT's batched probes, which are bit-exact either way;
+# `budget.accumulate` only splits each batch into micro-batches: the effective batch is
+# `budget.batch_size`, the results equal to float rounding except where a statistic is taken per
+# micro-batch, BatchNorm in train mode or an in-batch contrastive loss: docs/protocol.md section 3.)
+NOT_WORK_NESTED = (("eval", "batch_size"), ("method", "search"), ("method", "adapt", "probe_memory_gb"),
+                   ("budget", "accumulate"))
 
 
 def _work(resolved: dict, drop: tuple[str, ...] = ()) -> dict:

@@ -151,7 +151,7 @@ def execute(cfg: DictConfig) -> str:
         ctx = RunContext(device=device, seed=cfg.seed, cache_dir=Path(cfg.paths.cache),
                          run_dir=folder.path, eval_batch_size=cfg.eval.batch_size,
                          num_workers=resolve_workers(cfg.num_workers), spec=start_spec(cfg),
-                         store=feature_store(cfg))
+                         store=feature_store(cfg), accumulate=cfg.budget.get("accumulate", 1))
         try:
             ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a read-only shared cache: entries are read, new ones not stored

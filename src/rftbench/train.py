@@ -64,6 +64,7 @@ class RunContext:
     num_workers: int = 0
     spec: dict = field(default_factory=dict)  # resolved backbone + suite + seed: the starting point
     store: FeatureStore = field(default_factory=FeatureStore)  # frozen features (default: in memory)
+    accumulate: int = 1  # budget.accumulate: micro-batches per optimizer step of every `fit` of the run
 
     @property
     def cuda(self) -> bool:
@@ -217,7 +218,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
         epochs: int, batch_size: int, scheduler: dict | None = None, params: list | None = None,
         checkpoint_key: str | None, exclude: Iterable[nn.Parameter] = (), loss_fn: Callable | None = None,
         forward: Callable | None = None, bn_eval: bool = False, label_smoothing: float = 0.0,
-        select: str = "val", after_step: StepHook | None = None, accumulate: int = 1) -> FitResult:
+        select: str = "val", after_step: StepHook | None = None, accumulate: int | None = None) -> FitResult:
     """Train `params` (default: every parameter that requires grad) and keep the best val epoch
     (`rftbench.selection`: ties -> the earlier epoch).
 
@@ -229,13 +230,16 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     after every optimizer step (e.g. TPGM's projection); its `state_dict()` travels with the
     checkpoints, so a resumed training continues it too.
 
-    `batch_size` is the effective batch of one optimizer step; `accumulate` (`budget.accumulate`)
-    only splits each batch into that many micro-batches run forward and backward one after another
+    `batch_size` is the effective batch of one optimizer step; `accumulate` (default: the run's
+    `budget.accumulate`, `ctx.accumulate`; a memory knob like `threads`, not part of the run id nor
+    of a cached training's key) only splits each batch into that many micro-batches run forward and
+    backward one after another
     (`micro_batches`; peak memory ~ batch_size / accumulate images). Data order, optimizer and
     scheduler steps and checkpoints are those of `accumulate=1`; the weights agree to float rounding,
     except where a batch statistic is computed per micro-batch (BatchNorm in train mode, in-batch
     contrastive losses): docs/protocol.md section 3.
     """
+    accumulate = ctx.accumulate if accumulate is None else accumulate
     check_accumulate(accumulate, batch_size)
     if select not in ("val", "last"):
         raise ValueError(f"select must be 'val' or 'last', got {select!r}")

@@ -12,7 +12,7 @@ The protocol of the reference evaluations (ObjectNet's own evaluation template, 
   images of the other classes are not read;
 - class k's logit is the maximum of the model's logits over its ImageNet classes (e.g. "Chair": barber
   chair, folding chair, rocking chair), so accuracy, ECE and NLL are those of the 113-way logits
-  (`Split.logit_groups`, applied by `rftbench.evaluate.pooled`); labels 0..112 follow the sorted
+  (`Split.logit_groups`, applied by `rftbench.data.base.pooled`); labels 0..112 follow the sorted
   folder names;
 - every image loses a 2 px border on each side (the release's red frame) before the evaluation transform.
 The class mapping is read from the release's own `mappings/` files; nothing about it is shipped here.

@@ -353,8 +353,7 @@ def adapt_robust(model: Classifier, suite: Suite, ctx: RunContext, *, betas: Map
 
 def adapt_trainable(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callable, epochs: int,
                     batch_size: int, ct_lr: float = 0.1, decay_at: float = 0.5, gamma: float = 0.1,
-                    warmup_epochs: int = 1, r_init: float = 1.386, q_init: float = 0.0,
-                    accumulate: int = 1) -> Adapted:
+                    warmup_epochs: int = 1, r_init: float = 1.386, q_init: float = 0.0) -> Adapted:
     """Trainable CT: per-channel beta and coeff at every site trained with the head (optimizer's lr;
     CT parameters at `ct_lr`), `warmup_epochs` of linear warm-up (the official 1), lr x `gamma`
     after `decay_at` of the epochs, backbone weights and BatchNorm statistics frozen, best epoch by
@@ -369,7 +368,7 @@ def adapt_trainable(model: Classifier, suite: Suite, ctx: RunContext, *, optimiz
               batch_size=batch_size, params=[{"params": ct_params, "lr": ct_lr}, {"params": head}],
               scheduler={"name": "step", "milestones": [milestone], "gamma": gamma,
                          "warmup_epochs": warmup_epochs}, bn_eval=True,
-              checkpoint_key="ct_trainable", accumulate=accumulate)
+              checkpoint_key="ct_trainable")
     mean_beta, mean_coeff = mean_beta_coeff(ct_model)
     info = {"mean_beta": mean_beta, "mean_coeff": mean_coeff, "ct_sites": ct_model.ct_sites,
             "best_epoch": res.best_epoch, "converged": int(res.converged)}

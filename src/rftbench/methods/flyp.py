@@ -87,7 +87,7 @@ class FLYPModel(nn.Module):
 
 
 def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callable, epochs: int,
-          batch_size: int, scheduler: dict | None, accumulate: int = 1) -> Adapted:
+          batch_size: int, scheduler: dict | None) -> Adapted:
     """Contrastive fine-tuning of both towers; the tuned zero-shot head of the best val epoch."""
     parts = getattr(model, "clip", None)
     if not isinstance(parts, clip.ClipParts):
@@ -102,7 +102,7 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callab
     params = [p for p in parts.model.parameters() if p.requires_grad]
     res = fit(flyp, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
               scheduler=scheduler, params=params, checkpoint_key="flyp",
-              forward=lambda m, x: x, loss_fn=lambda x, y: flyp.loss(x, y), accumulate=accumulate)
+              forward=lambda m, x: x, loss_fn=lambda x, y: flyp.loss(x, y))
     model.eval()
     return Adapted(model, val_acc=res.best_val_acc, trainable_params=count_params(params),
                    train_time_s=res.train_time_s, tables={"history": pd.DataFrame(res.history)},

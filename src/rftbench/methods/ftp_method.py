@@ -27,12 +27,11 @@ def gammas(model: Classifier, optimizer: FTPAdamW | FTPSGD) -> pd.DataFrame:
 
 
 def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callable, epochs: int,
-          batch_size: int, scheduler: dict | None = None, label_smoothing: float = 0.0,
-          accumulate: int = 1) -> Adapted:
+          batch_size: int, scheduler: dict | None = None, label_smoothing: float = 0.0) -> Adapted:
     """The fine-tuning recipe (`rftbench.methods.ft.finetune`) with an FTP optimizer; head excluded."""
     adapted, res = finetune(model, suite, ctx, checkpoint_key="ftp", exclude_head=True, optimizer=optimizer,
                             epochs=epochs, batch_size=batch_size, scheduler=scheduler,
-                            label_smoothing=label_smoothing, accumulate=accumulate)
+                            label_smoothing=label_smoothing)
     if not isinstance(res.optimizer, (FTPAdamW, FTPSGD)):
         raise ValueError("method=ftp needs method.adapt.optimizer to be rftbench.methods.ftp.FTPAdamW or FTPSGD")
     table = gammas(model, res.optimizer)

@@ -190,7 +190,7 @@ def levi_loss(per_tap_logits: Sequence[torch.Tensor], y: torch.Tensor, mean_weig
 
 def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, taps: Sequence[str], task_width: int,
           hidden: int, mean_weight: float, max_task_ratio: float | None, optimizer, epochs: int,
-          batch_size: int, scheduler: dict | None = None, accumulate: int = 1) -> Adapted:
+          batch_size: int, scheduler: dict | None = None) -> Adapted:
     """`method=levi` — LEVI (reconstruction): frozen backbone tapped at `taps`, a from-scratch task
     model and one adapting layer per tap, trained with the shared loop on `levi_loss`."""
     example = next(batches(suite.train, 16, device=ctx.device))[0]
@@ -200,8 +200,7 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, taps: Sequence[st
     params = levi.trainable_parameters()
     res = fit(levi, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
               scheduler=scheduler, params=params, forward=lambda m, x: m.forward_all(x),
-              loss_fn=lambda outs, y: levi_loss(outs, y, mean_weight), checkpoint_key="levi",
-              accumulate=accumulate)
+              loss_fn=lambda outs, y: levi_loss(outs, y, mean_weight), checkpoint_key="levi")
     cost = levi.extra_inference_cost(example[:1])
     info = {"best_epoch": res.best_epoch, "converged": int(res.converged), "flop_ratio": cost["flop_ratio"],
             "task_model_params": cost["task_model_params"], "adapter_params": cost["adapter_params"]}

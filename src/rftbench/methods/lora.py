@@ -183,7 +183,7 @@ def merge_lora(model: Classifier) -> Classifier:
 
 def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, rank: int, alpha: float, dropout: float,
           targets: Sequence[str], optimizer, epochs: int, batch_size: int,
-          scheduler: dict | None = None, accumulate: int = 1) -> Adapted:
+          scheduler: dict | None = None) -> Adapted:
     """`method=lora`: LoRA on the backbone body + the full head, trained with the shared loop (BatchNorm
     statistics frozen), merged into the weights for evaluation (the base model's inference cost)."""
     lora = ctx.prepare(apply_lora(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets))
@@ -191,8 +191,7 @@ def adapt(model: Classifier, suite: Suite, ctx: RunContext, *, rank: int, alpha:
     adapted_layers = verify_lora_targets(lora, example)
     n = count_params(trainable_parameters(lora))
     res = fit(lora, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
-              scheduler=scheduler, params=trainable_parameters(lora), bn_eval=True, checkpoint_key="lora",
-              accumulate=accumulate)
+              scheduler=scheduler, params=trainable_parameters(lora), bn_eval=True, checkpoint_key="lora")
     info = {"best_epoch": res.best_epoch, "converged": int(res.converged), "lora_layers": len(lora_layers(lora)),
             "lora_layers_effective": len(adapted_layers), "rank": rank}
     return Adapted(ctx.prepare(merge_lora(lora)).eval(), val_acc=res.best_val_acc, trainable_params=n,

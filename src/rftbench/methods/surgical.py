@@ -149,12 +149,12 @@ class RGNSGD(torch.optim.SGD):
 
 
 def adapt_rgn(model: Classifier, suite: Suite, ctx: RunContext, *, optimizer: Callable, epochs: int,
-              batch_size: int, scheduler: dict | None = None, accumulate: int = 1) -> Adapted:
+              batch_size: int, scheduler: dict | None = None) -> Adapted:
     """Auto-RGN: every parameter trained, each tensor's lr scaled by its relative gradient norm."""
     for p in model.parameters():
         p.requires_grad_(True)
     res = fit(model, suite.train, suite.val, ctx, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
-              scheduler=scheduler, checkpoint_key="surgical-rgn", accumulate=accumulate)
+              scheduler=scheduler, checkpoint_key="surgical-rgn")
     if not isinstance(res.optimizer, RGNSGD):
         raise ValueError("method=surgical_rgn needs method.adapt.optimizer rftbench.methods.surgical.RGNSGD")
     return Adapted(model, val_acc=res.best_val_acc, trainable_params=count_params(model, trainable=True),
