@@ -308,3 +308,41 @@ def test_warmup_steps_with_step_and_constant_schedules():
 def test_bad_warm_up_is_an_error_naming_the_keys(cfg, match):
     with pytest.raises(ValueError, match=match):
         _factors(cfg, 1, 4)
+
+
+def test_clip_grad_norm_rescales_each_steps_gradient_to_the_bound():
+    """One SGD step (lr 1, no momentum) with clip_grad_norm=c moves the weights by exactly the
+    gradient rescaled to norm c (when it is larger), over all trained parameters together."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5) * 10, torch.randint(0, 3, (16,))
+    split = Split("train", "train", x=x, y=y)
+    model = nn.Linear(5, 3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    assert norm > 0.5
+    fit(model, split, split, RunContext(), optimizer=functools.partial(torch.optim.SGD, lr=1.0), epochs=1,
+        batch_size=16, checkpoint_key=None, select="last", clip_grad_norm=0.5)
+    moved = torch.sqrt(sum(((start[k] - v) ** 2).sum() for k, v in model.state_dict().items()))
+    assert moved == pytest.approx(0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="clip_grad_norm must be > 0"):
+        fit(model, split, split, RunContext(), optimizer=functools.partial(torch.optim.SGD, lr=1.0), epochs=1,
+            batch_size=16, checkpoint_key=None, clip_grad_norm=0.0)
+
+
+@pytest.mark.parametrize("make", [_linear, _mlp])
+def test_four_micro_batches_of_8_are_one_batch_of_32_to_1e_6(make):
+    """The issue's check: one optimizer step of batch 32 as 4 x 8 accumulated equals the one-batch step
+    (plain SGD, lr 1: the weight change is the gradient itself) to 1e-6, on a model without BatchNorm."""
+    def step(accumulate: int) -> torch.Tensor:
+        model = make()
+        before = _flat(model)
+        torch.manual_seed(1)
+        fit(model, _data(32, 1, "train"), _data(8, 2, "val"), RunContext(),
+            optimizer=functools.partial(torch.optim.SGD, lr=1.0), epochs=1, batch_size=32,
+            checkpoint_key=None, select="last", accumulate=accumulate)
+        return _flat(model) - before
+    one, four = step(1), step(4)
+    assert one.abs().max() > 1e-3  # the step did something
+    assert (four - one).abs().max() <= 1e-6

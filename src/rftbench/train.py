@@ -218,7 +218,8 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
         epochs: int, batch_size: int, scheduler: dict | None = None, params: list | None = None,
         checkpoint_key: str | None, exclude: Iterable[nn.Parameter] = (), loss_fn: Callable | None = None,
         forward: Callable | None = None, bn_eval: bool = False, label_smoothing: float = 0.0,
-        select: str = "val", after_step: StepHook | None = None, accumulate: int | None = None) -> FitResult:
+        select: str = "val", after_step: StepHook | None = None, accumulate: int | None = None,
+        clip_grad_norm: float | None = None) -> FitResult:
     """Train `params` (default: every parameter that requires grad) and keep the best val epoch
     (`rftbench.selection`: ties -> the earlier epoch).
 
@@ -228,7 +229,9 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     cross-entropy); `bn_eval` keeps BatchNorm statistics frozen (frozen-backbone methods);
     `select="last"` keeps the final epoch instead of the best val epoch. `after_step(model)` runs
     after every optimizer step (e.g. TPGM's projection); its `state_dict()` travels with the
-    checkpoints, so a resumed training continues it too.
+    checkpoints, so a resumed training continues it too. `clip_grad_norm`: the gradient of every step
+    rescaled to at most this L2 norm over all trained parameters before the optimizer step
+    (`torch.nn.utils.clip_grad_norm_`; WiSE-FT's recipe clips at 1.0); None: no clipping.
 
     `batch_size` is the effective batch of one optimizer step; `accumulate` (default: the run's
     `budget.accumulate`, `ctx.accumulate`; a memory knob like `threads`, not part of the run id nor
@@ -246,6 +249,9 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
+    if clip_grad_norm is not None and not clip_grad_norm > 0:
+        raise ValueError(f"clip_grad_norm must be > 0 or null, got {clip_grad_norm!r}")
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]  # (param groups)
     forward = forward or (lambda m, x: m(x))
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing))
     opt = build_optimizer(optimizer, params, exclude)
@@ -293,6 +299,8 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             opt.zero_grad(set_to_none=True)
             total += accumulate_gradients(model, xb, yb, ctx, forward=forward, loss_fn=loss_fn,
                                           batch_size=batch_size, accumulate=accumulate)
+            if clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(tensors, clip_grad_norm)
             opt.step()
             if after_step is not None:
                 after_step(model)
