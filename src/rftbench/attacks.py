@@ -139,8 +139,8 @@ def _cuda_indices(device: torch.device) -> list[int]:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).cpu()
+def _clean_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
                       for i in range(0, len(images), batch_size)])
 
 
@@ -186,9 +186,8 @@ def attack(
     model.eval()
     try:
         with torch.random.fork_rng(devices=_cuda_indices(device)):
-            clean_pred = _predict(model, images, batch_size, device)
-            with torch.no_grad():
-                num_classes = model(images[:1].to(device)).shape[1]
+            clean = _clean_logits(model, images, batch_size, device)  # (also gives the number of classes)
+            clean_pred, num_classes = clean.argmax(1), clean.shape[1]
             adversary = _adversary(model, norm, eps, tier, seed, device, n_iter, n_target_classes, num_classes)
             _, adv_pred = adversary.run_standard_evaluation(images, labels, batch_size=batch_size)
     finally:
