@@ -190,3 +190,16 @@ def test_balanced_subset_is_fixed_and_balanced():
     few = balanced_subset(labels, 9, seed=0)
     assert len(few) == 9 and len(labels[few].unique()) == 9
     assert not torch.equal(labels[few].unique(), labels[balanced_subset(labels, 9, seed=3)].unique())
+
+
+def test_clean_correct_reads_autoattacks_outputs():
+    """Correct before the attack = still correct, or moved by it (AutoAttack only moves images it
+    broke, all of them correctly classified at first)."""
+    from rftbench.attacks import clean_correct
+
+    x = torch.zeros(4, 1, 2, 2)
+    labels = torch.tensor([0, 1, 2, 3])
+    x_adv = x.clone()
+    x_adv[1] += 0.01                         # broken by the attack: was correct
+    y_adv = torch.tensor([0, 5, 7, 3])       # 0 and 3 robust; 2 wrong from the start (not moved)
+    assert clean_correct(x, labels, x_adv, y_adv).tolist() == [True, True, False, True]

@@ -138,10 +138,13 @@ def _cuda_indices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-@torch.no_grad()
-def _clean_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+def clean_correct(images: torch.Tensor, labels: torch.Tensor, x_adv: torch.Tensor, y_adv: torch.Tensor) -> torch.Tensor:
+    """Which images the model classified correctly before the attack, read off AutoAttack's own clean
+    pass (no second one): `run_standard_evaluation` attacks only the correctly classified images,
+    returns the clean prediction in `y_adv` for every image it did not break and changes `x_adv` only
+    where it broke one, so an image was correct iff it is still correct or was moved."""
+    moved = (x_adv.cpu() != images).flatten(1).any(1)
+    return (y_adv.cpu() == labels) | moved
 
 
 def attack(
@@ -186,15 +189,15 @@ def attack(
     model.eval()
     try:
         with torch.random.fork_rng(devices=_cuda_indices(device)):
-            clean = _clean_logits(model, images, batch_size, device)  # (also gives the number of classes)
-            clean_pred, num_classes = clean.argmax(1), clean.shape[1]
+            with torch.no_grad():
+                num_classes = model(images[:1].to(device)).shape[1]
             adversary = _adversary(model, norm, eps, tier, seed, device, n_iter, n_target_classes, num_classes)
-            _, adv_pred = adversary.run_standard_evaluation(images, labels, batch_size=batch_size)
+            x_adv, adv_pred = adversary.run_standard_evaluation(images, labels, batch_size=batch_size)
     finally:
         model.train(was_training)
     return AttackResult(
         robust_acc=(adv_pred.cpu() == labels).float().mean().item(),
-        clean_acc=(clean_pred == labels).float().mean().item(),
+        clean_acc=clean_correct(images, labels, x_adv, adv_pred).float().mean().item(),
         n=len(labels),
         norm=norm,
         eps=float(eps),
