@@ -249,3 +249,16 @@ def test_entries_record_what_they_were_made_for_and_plan_finds_them(tmp_path):
     assert found["backbone"] == "small" and found["bytes"] > 10 * 8 * 4
     assert entries_for(tmp_path, {**backbone, "checkpoint": "other.pt"}, "digits") == []
     assert entries_for(tmp_path, backbone, "cifar10") == []
+
+
+def test_the_weights_are_hashed_again_only_when_they_change(monkeypatch):
+    calls = []
+    real = F.state_digest
+    monkeypatch.setattr(F, "state_digest", lambda state: calls.append(1) or real(state))
+    store, model, pool = FeatureStore(None, batch_size=B), small_model(), images(8)
+    first = store.features(model, pool, CTX)
+    store.features(model, pool.subset(torch.tensor([1, 2])), CTX)
+    assert len(calls) == 1
+    with torch.no_grad():
+        model.body[0].weight.add_(1.0)  # an in-place change: another extractor
+    assert not torch.equal(store.features(model, pool, CTX), first) and len(calls) == 2

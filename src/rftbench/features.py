@@ -134,12 +134,13 @@ def split_keys(split: Split) -> list[bytes] | None:
     return split.__dict__["_feature_keys"]
 
 
-def extractor_key(model: nn.Module) -> str:
+def extractor_key(model: nn.Module, weights_digest=state_digest) -> str:
     """The digest of what `model.features` computes: the weights and buffers of everything but the
-    head, and the structure (module types, `extra_repr` such as a CT unit's beta, traced code, hooks)."""
+    head (`weights_digest` of them), and the structure (module types, `extra_repr` such as a CT unit's
+    beta, traced code, hooks)."""
     h = hashlib.sha256()
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    h.update(state_digest(state).encode())
+    h.update(weights_digest(state).encode())
     for name, m in model.named_modules():
         if name == "head" or name.startswith("head."):
             continue
@@ -151,9 +152,11 @@ def extractor_key(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def entry_key(model: nn.Module, split: Split, ctx: RunContext, batch_size: int) -> tuple[str, dict]:
-    """(entry folder name, its description): extractor, evaluation transform, how it computes."""
-    desc = {"format": FORMAT, "extractor": extractor_key(model),
+def entry_key(model: nn.Module, split: Split, ctx: RunContext, batch_size: int,
+              extractor: str | None = None) -> tuple[str, dict]:
+    """(entry folder name, its description): extractor (`extractor_key`, unless given), evaluation
+    transform, how it computes."""
+    desc = {"format": FORMAT, "extractor": extractor or extractor_key(model),
             "transform": "tensor" if split.in_memory else repr(split.transform),
             "device": ctx.device.type, "autocast": "bf16" if ctx.cuda else "none",
             "batch_size": batch_size, "torch": torch.__version__}
@@ -190,22 +193,32 @@ def entries_for(root: str | Path, backbone: dict, suite: str) -> list[dict]:
 # ---- computing --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def compute_features(model: nn.Module, split: Split, ctx: RunContext, size: int = DEFAULT_BATCH) -> torch.Tensor:
-    """`model.features` of every image of `split`, in order, float32 on the CPU, in batches of exactly
-    `size` images (the last padded with copies of its last image)."""
+def batch_outputs(model: nn.Module, split: Split, ctx: RunContext, size: int, fn, label: str,
+                  pad: bool = False) -> list[torch.Tensor]:
+    """`fn(model, x)` of every batch of `size` images of `split`, in order, float32 on the CPU, the
+    model in eval mode (its mode restored); with `pad`, a short last batch is filled up to `size` with
+    copies of its last image (only its own rows are kept). The one inference loop of rftbench
+    (`rftbench.train.predict` and the feature store)."""
     was_training = model.training
     model.eval()
     outs = []
     for xb, _ in bar(batches(split, size, num_workers=ctx.num_workers, device=ctx.device),
-                     f"features {split.name}", total=-(-len(split) // size), unit="batch"):
+                     label, total=-(-len(split) // size), unit="batch"):
         n = len(xb)
-        if n < size:
+        if pad and n < size:
             xb = torch.cat([xb, xb[-1:].expand(size - n, *xb.shape[1:])])
         if ctx.cuda:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with ctx.autocast():
-            outs.append(model.features(xb)[:n].float().cpu())
+            outs.append(fn(model, xb)[:n].float().cpu())
     model.train(was_training)
+    return outs
+
+
+def compute_features(model: nn.Module, split: Split, ctx: RunContext, size: int = DEFAULT_BATCH) -> torch.Tensor:
+    """`model.features` of every image of `split`, in order, float32 on the CPU, in batches of exactly
+    `size` images (the last padded with copies of its last image)."""
+    outs = batch_outputs(model, split, ctx, size, lambda m, x: m.features(x), f"features {split.name}", pad=True)
     return torch.cat(outs) if outs else torch.zeros(0, model.num_features)
 
 
@@ -256,6 +269,7 @@ class FeatureStore:
         self.entries: dict[str, _Entry] = {}
         self.counts: Counter = Counter()
         self.records: list[dict] = []
+        self._last_weights: tuple | None = None  # (signature, the tensors, digest) of the last weights hashed
 
     # -- public API
 
@@ -269,7 +283,7 @@ class FeatureStore:
             out = compute_features(model, split, ctx, self.batch_size)
             self._record("-", split, len(split), len(split), 0, t0, stored=False)
             return out
-        name, desc = entry_key(model, split, ctx, self.batch_size)
+        name, desc = entry_key(model, split, ctx, self.batch_size, extractor_key(model, self._weights_digest))
         entry = self._entry(name, desc)
         computed, out = 0, None
         while out is None:  # a damaged chunk found while gathering: its rows are computed again
@@ -304,6 +318,18 @@ class FeatureStore:
     def summary(self) -> dict:
         return {"counts": dict(self.counts), "root": None if self.root is None else str(self.root),
                 "requests": self.records}
+
+    def _weights_digest(self, state: dict[str, torch.Tensor]) -> str:
+        """`state_digest` of `state`, reused while the very same tensors are unchanged (the evaluation of
+        a frozen model asks once per split: a ResNet-50 would be hashed ~80 times). The tensors are kept
+        alive with the memo, so an address cannot be reused by other weights; `_version` counts every
+        in-place change (optimizer steps, `load_state_dict`)."""
+        signature = [(k, v.data_ptr(), v._version, v.dtype, tuple(v.shape)) for k, v in state.items()]
+        if self._last_weights is not None and self._last_weights[0] == signature:
+            return self._last_weights[2]
+        digest = state_digest(state)
+        self._last_weights = (signature, list(state.values()), digest)
+        return digest
 
     # -- entries
 

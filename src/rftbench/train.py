@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rftbench.data.base import Split, batches, scored_logits
-from rftbench.features import FeatureStore
+from rftbench.features import FeatureStore, batch_outputs
 from rftbench.progress import bar
 from rftbench.selection import Running
 
@@ -347,18 +347,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, ctx: RunContext, fn: Callable | None = None) -> torch.Tensor:
     """Stack `fn(model, x)` (default: logits) over a split, in order, as float32 on the CPU."""
-    fn = fn or (lambda m, x: m(x))
-    was_training = model.training
-    model.eval()
-    outs = []
-    for xb, _ in bar(batches(split, ctx.eval_batch_size, num_workers=ctx.num_workers, device=ctx.device),
-                     split.name, total=math.ceil(len(split) / ctx.eval_batch_size), unit="batch"):
-        if ctx.cuda:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with ctx.autocast():
-            outs.append(fn(model, xb).float().cpu())
-    model.train(was_training)
-    return torch.cat(outs)
+    return torch.cat(batch_outputs(model, split, ctx, ctx.eval_batch_size, fn or (lambda m, x: m(x)), split.name))
 
 
 def accuracy_on(model: nn.Module, split: Split, ctx: RunContext) -> float:
