@@ -5,7 +5,8 @@ Checked: the integer keys (`INTEGERS`), every evaluation key (`eval.*`: the atta
 tier and sizes, the batch size and the ECE bins), keys added with Hydra's `+` that the evaluation or
 the method's `adapt` function would ignore or reject only after training (unknown `eval.*` keys,
 compared with configs/eval/default.yaml; `method.adapt` keys that are not parameters of its
-`_target_`), the feature store's keys (`features.store`, `features.max_gb`, `features.batch_size`), a backbone pre-training recipe set for a backbone without one, and cache / runs
+`_target_`), the feature store's keys (`features.store`, `features.max_gb`, `features.batch_size`),
+a backbone pre-training recipe set for a backbone without one, and cache / runs
 folders that are files (or under one). A `threads` value above the available cores is a warning,
 not an error (it runs, only slower). `check_suite` runs right after the suite is built, before the
 weights and any training: the checks that need its splits (train / val / test present, the attack
@@ -27,7 +28,8 @@ log = logging.getLogger("rftbench")
 # key -> smallest valid value; each must be an integer
 INTEGERS = {"seed": 0, "hp_seed": 0, "budget.epochs": 1, "budget.batch_size": 1, "budget.accumulate": 1,
             "eval.batch_size": 1, "features.batch_size": 1, "eval.ece_bins": 1, "eval.adversarial.n": 1,
-            "eval.adversarial.seed": 0, "eval.adversarial.n_iter": 1, "eval.adversarial.n_target_classes": 1, "eval.adversarial.batch_size": 1}
+            "eval.adversarial.seed": 0, "eval.adversarial.n_iter": 1, "eval.adversarial.n_target_classes": 1,
+            "eval.adversarial.batch_size": 1}
 EVAL_DEFAULTS = Path(CONFIG_DIR) / "eval" / "default.yaml"
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
