@@ -20,7 +20,8 @@ class Tiny(nn.Module):
 def test_mars_norm_is_the_largest_absolute_row_sum():
     d = torch.tensor([[1.0, -2.0, 0.5], [-3.0, 0.0, 1.0]])
     assert mars_norm(d) == 4.0
-    assert mars_norm(torch.tensor([1.0, -2.0])) == 3.0  # a vector is one row
+    assert mars_norm(torch.tensor([1.0, -2.0])) == 2.0  # a vector is a diagonal map: its rows are its elements
+    assert mars_norm(torch.tensor(-1.5)) == 1.5
     assert mars_norm(torch.ones(2, 3, 2, 2)) == 12.0     # conv: (out, in * kh * kw)
 
 
@@ -51,3 +52,13 @@ def test_runner_records_deviation_for_backbone_training_only(make_cfg):
     lp = make_cfg("method=lp")
     assert execute(lp) == "done"
     assert not (run_folder(lp).path / "deviation.csv").exists()  # frozen backbone: nothing moved
+
+
+def test_the_mars_column_is_the_norm_mars_sp_bounds_for_every_tensor_kind():
+    from rftbench.methods.mars_sp import project_tensor
+
+    g = torch.Generator().manual_seed(0)
+    for shape, radius in (((8,), 0.1), ((4, 3, 3, 3), 1.0), ((5, 7), 1.0)):  # norm scale, conv, linear
+        w0 = torch.randn(shape, generator=g)
+        w = project_tensor(w0 + torch.randn(shape, generator=g), w0, radius)
+        assert mars_norm(w - w0) == pytest.approx(radius, rel=1e-5)  # on the ball's boundary, not above

@@ -6,7 +6,9 @@ Two norms per tensor, the ones the projection and regularisation methods constra
 
 - `l2`: the Frobenius norm of w - w0 (L2-SP's penalty, TPGM's `l2` mode);
 - `mars`: the maximum absolute row sum of w - w0 reshaped to (out, -1), i.e. the largest L1 norm of
-  an output row (MARS-SP's norm, TPGM's and FTP's per-row L1 bound); a 1-D tensor is one row.
+  an output row (MARS-SP's norm, TPGM's and FTP's per-row L1 bound). A 1-D tensor (a normalisation
+  scale) acts as a diagonal map, so its rows are its elements: max |w_i - w0_i|, as MARS-SP's
+  `radius_norm` and TPGM's `mars` mode constrain it (FTP's rule takes a vector as one row instead).
 
 `deviation.csv` holds one row per tensor that moved; the totals are recorded as `chosen/deviation_l2`
 (the L2 norm over all backbone tensors together) and `chosen/deviation_mars` (the largest per-tensor
@@ -23,10 +25,10 @@ from torch import nn
 
 
 def mars_norm(delta: torch.Tensor) -> float:
-    """MARS-SP's norm (`rftbench.methods.mars_sp.mars`) of `delta`, a 1-D tensor taken as one row."""
+    """MARS-SP's norm (`rftbench.methods.mars_sp.mars`) of `delta`: a 1-D tensor's rows are its elements."""
     from rftbench.methods.mars_sp import mars
 
-    return float(mars(delta.reshape(1, -1) if delta.dim() < 2 else delta)) if delta.numel() else 0.0
+    return float(mars(delta)) if delta.numel() else 0.0
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
