@@ -1,5 +1,7 @@
-"""Bad inputs are answered before any work, naming the key or the file: metric values that are not
-finite numbers in the leaderboard, and invalid or unknown config keys in `rftbench.run.execute`."""
+"""Bad inputs are answered before any work, naming the key or the file (issue 25's cases): metric
+values that are not finite numbers in the leaderboard, invalid or unknown config keys in
+`rftbench.run.execute`, data and checkpoints that fail before any training (no training started, no
+epoch checkpoint, no `done`) and run after the fix. Damaged image files: test_preflight.py."""
 from __future__ import annotations
 
 import logging
@@ -12,9 +14,22 @@ import torch
 
 from rftbench import leaderboard as lb
 from rftbench import train
-from rftbench.run import execute
+from rftbench.run import execute, run_folder
 from rftbench.validate import ConfigError
 from test_leaderboard import add_run
+from test_suites import TINY
+
+# suite=imagenet on a tiny tree (test_imagenet.write_imagenet) with a randomly initialised ResNet-18
+IMAGENET = [*TINY, "suite=imagenet", "suite.build.val_per_class=1", "suite.build.corruptions=[]",
+            "suite.build.ood=[imagenet_r]", "eval.adversarial.enabled=false"]
+
+
+def failed_before_training(cfg, trainings: list) -> None:
+    """The run folder of `cfg` failed with nothing trained: no training started, no epoch checkpoint,
+    no `done`, the error recorded."""
+    folder = run_folder(cfg)
+    assert trainings == [] and folder.status == "failed" and not (folder.path / "done").exists()
+    assert not list(folder.path.rglob("*.pt")) and (folder.path / "error.txt").exists()
 
 
 def set_value(root, method: str, run_id: str, split: str, metric: str, value: str):
@@ -85,10 +100,9 @@ def test_missing_runs_folder_and_uncreatable_out(two_seeds, tmp_path):
         lb.main(["--runs", str(root), "--out", str(blocker), "--no-plots"])
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """`rftbench.train.fit` fails, also where a method module bound it by name (every method module is
-    imported first, so that none binds the failing stand-in for later tests)."""
+def replace_fit(monkeypatch, stand_in) -> None:
+    """`rftbench.train.fit` replaced by `stand_in`, also where a method module bound it by name (every
+    method module is imported first, so that none binds the stand-in for later tests)."""
     import importlib
     import pkgutil
     import sys
@@ -97,14 +111,32 @@ def no_training(monkeypatch):
 
     for info in pkgutil.iter_modules(rftbench.methods.__path__):
         importlib.import_module(f"rftbench.methods.{info.name}")
-
-    def fail(*args, **kwargs):
-        raise AssertionError("trained despite a bad config")
-
     real = train.fit
     for name, mod in list(sys.modules.items()):
         if name.startswith("rftbench") and getattr(mod, "fit", None) is real:
-            monkeypatch.setattr(mod, "fit", fail)
+            monkeypatch.setattr(mod, "fit", stand_in)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """`rftbench.train.fit` fails wherever it is called."""
+    def fail(*args, **kwargs):
+        raise AssertionError("trained despite a bad config")
+
+    replace_fit(monkeypatch, fail)
+
+
+@pytest.fixture
+def trainings(monkeypatch) -> list:
+    """`rftbench.train.fit` counted: one list item per training started."""
+    real, calls = train.fit, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    replace_fit(monkeypatch, counted)
+    return calls
 
 
 BAD = [  # overrides -> the key the error must name
@@ -114,6 +146,7 @@ BAD = [  # overrides -> the key the error must name
     (["eval.adversarial.threats=[{norm:Linf,eps:-0.1}]"], "eval.adversarial.threats[0].eps"),
     (["eval.adversarial.threats=[{norm:Linf,eps:0.1,p:2}]"], "eval.adversarial.threats[0].p"),
     (["eval.adversarial.tier=fast"], "eval.adversarial.tier"),
+    (["eval.adversarial.tier=strong"], "eval.adversarial.tier"),
     (["eval.adversarial.n=0"], "eval.adversarial.n"),
     (["eval.batch_size=0"], "eval.batch_size"),
     (["eval.ece_bins=0"], "eval.ece_bins"),
@@ -363,3 +396,88 @@ def test_imagenet_with_val_per_class_0_names_the_key_before_training(make_cfg, t
     cfg = make_cfg("suite=imagenet", "backbone=resnet18", "suite.build.val_per_class=0", experiment=None)
     with pytest.raises(ConfigError, match=r"suite imagenet built no val split with images .*suite.build.val_per_class"):
         check_suite(cfg, suite)
+
+
+def test_a_flat_imagenet_val_fails_before_training_and_the_sorted_tree_runs(make_cfg, tmp_path, trainings):
+    from test_imagenet import WNIDS, write_imagenet
+
+    data = tmp_path / "data"
+    write_imagenet(data, val_per_class=2)
+    val = data / "imagenet/val"
+    for wnid in WNIDS.values():  # unsort: every image straight in val/, as the official tarball unpacks
+        for f in sorted((val / wnid).iterdir()):
+            f.rename(val / f"{wnid}_{f.name}")
+        (val / wnid).rmdir()
+    cfg = make_cfg(*IMAGENET, f"paths.data={data}", experiment=None)
+    with pytest.raises(FileNotFoundError, match=rf"{val}: the images lie directly in the folder, not in one folder "
+                                                rf"per class \(expected {val}/n01440764/<image>\)"):
+        execute(cfg)
+    failed_before_training(cfg, trainings)
+    for f in sorted(val.iterdir()):  # sorted into synset folders
+        wnid, name = f.name.split("_", 1)
+        (val / wnid).mkdir(exist_ok=True)
+        f.rename(val / wnid / name)
+    assert execute(cfg) == "done"
+
+
+def test_imagenet_without_a_val_split_fails_before_training_naming_the_key(make_cfg, tmp_path, trainings):
+    from test_imagenet import write_imagenet
+
+    write_imagenet(tmp_path / "data", val_per_class=2)
+    cfg = make_cfg(*IMAGENET, f"paths.data={tmp_path / 'data'}", "suite.build.val_per_class=0", experiment=None)
+    with pytest.raises(ConfigError, match=r"suite imagenet built no val split with images .*suite.build.val_per_class"):
+        execute(cfg)
+    failed_before_training(cfg, trainings)
+    assert execute(make_cfg(*IMAGENET, f"paths.data={tmp_path / 'data'}", experiment=None)) == "done"
+
+
+def _other_architecture(path: Path) -> str:
+    import timm
+
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), path)
+    return r"backbone.checkpoint=.* does not fit the backbone .*unexpected keys \(e.g. "
+
+
+def _pickled_module(path: Path) -> str:
+    torch.save(torch.nn.Linear(2, 2), path)
+    return r"backbone.checkpoint=.* is refused by torch.load\(weights_only=True\)"
+
+
+@pytest.mark.parametrize("write", [_other_architecture, _pickled_module])
+def test_a_bad_checkpoint_fails_the_run_before_training_in_one_line(make_cfg, tmp_path, trainings, write):
+    from rftbench.backbones import CheckpointError
+
+    path = tmp_path / "weights.pt"
+    message = write(path)
+    cfg = make_cfg("method=ft", f"backbone.checkpoint={path}")
+    with pytest.raises(CheckpointError, match=message) as exc:
+        execute(cfg)
+    assert "\n" not in str(exc.value) and len(str(exc.value)) < 800
+    failed_before_training(cfg, trainings)
+    assert execute(make_cfg("method=ft")) == "done"  # without the wrong file (its training may come from the cache)
+
+
+def test_rftbench_cache_pointing_to_a_file_is_one_error_naming_it(tmp_path, monkeypatch, no_training):
+    from hydra import compose, initialize_config_dir
+
+    from rftbench.identity import CONFIG_DIR
+
+    afile = tmp_path / "cachefile"
+    afile.write_text("x")
+    monkeypatch.setenv("RFTBENCH_CACHE", str(afile))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=tiny", f"paths.runs={tmp_path / 'runs'}", "device=cpu"])
+    with pytest.raises(ConfigError, match=rf"^paths.cache \(\$RFTBENCH_CACHE\) = {afile} is a file; it must be"):
+        execute(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_non_ascii_path_needs_hydra_quotes_as_the_readme_says(tmp_path, capsys):
+    from rftbench.data.__main__ import main
+
+    data = tmp_path / "dätä"
+    assert main(["verify", "suite=domainnet", f"paths.data={data}"]) == 2  # Hydra's lexer stops at 'ä'
+    assert capsys.readouterr().err.startswith("Error: OverrideParseException: LexerNoViableAltException")
+    for quoted in (f"paths.data='{data}'", f'paths.data="{data}"'):
+        assert main(["verify", "suite=domainnet", quoted]) == 1  # parsed: the tree is only missing
+        assert str(data / "domainnet") in capsys.readouterr().out

@@ -216,7 +216,8 @@ def test_perf_gpu_lines_measure_images_per_s_and_peak_memory():
         lines = perf.gpu_lines(perf.Settings.quick(reps=2))
     finally:
         sys.modules.pop(spec.name, None)
-    assert [ln.key for ln in lines] == [f"gpu/{a}/{k}" for a in perf.GPU_ARCHS for k in ("train", "evaluate")]
+    assert [ln.key for ln in lines] == [*(f"gpu/{a}/{k}" for a in perf.GPU_ARCHS for k in ("train", "evaluate")),
+                                        "gpu/decode"]
     for line in lines:
         assert line.skipped is None and len(line.ours) == len(line.bare) == 2 and line.ratio > 0
         assert line.peak_gb is not None and all(g > 0 for g in line.peak_gb)

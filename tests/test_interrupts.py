@@ -16,7 +16,7 @@ from rftbench.results import LOCK
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_is_one_line_and_resumable(tmp_path, cache_dir, sig, code):
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "rftbench.run", "experiment=tiny", "method=ft", "budget.epochs=400",
+    cmd = [sys.executable, "-m", "rftbench.run", "experiment=tiny", "method=ft", "budget.epochs=400", "checkpoint_every_s=0",
            f"paths.runs={runs}", f"paths.cache={cache_dir}", "device=cpu", "threads=1", "tracking.enabled=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

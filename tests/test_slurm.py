@@ -28,7 +28,8 @@ GRID = ["method=lp,ft", "seed=0,1", "budget.epochs=3"]
 # The requeued run: ft on the whole few-shot pool in small batches for 8 epochs (an epoch takes 1-3 s
 # here), so that the requeue lands well inside its training. SLURM sends SIGTERM (which submitit
 # ignores) and SIGKILL KillWait=2 s later: a 3-epoch tiny run could finish in between.
-LONG = ["suite.build.train_per_class=null", "budget.batch_size=8", "method=ft", "seed=0", "budget.epochs=8"]
+LONG = ["suite.build.train_per_class=null", "budget.batch_size=8", "method=ft", "seed=0", "budget.epochs=8",
+        "checkpoint_every_s=0"]
 SLURM = ["launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
          "hydra.launcher.timeout_min=30"]
 RESUMED = re.compile(r"resumed from (\S+\.pt) after epoch (\d+)/8")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from rftbench.leaderboard import build
 from rftbench.plan import plan, report
 from rftbench.results import CHECKPOINTS, RunBusy, RunFolder, RunLock, _start_time
 from rftbench.run import CONFIG_DIR, execute, run_folder, run_id
-from rftbench.train import RunContext, fit
+from rftbench.train import PROGRESS, RunContext, fit
 
 TIMING = ("adapt_time_s", "eval_time_s", "eval_images_per_s")
 
@@ -304,6 +305,37 @@ def test_interrupted_fit_continues_from_its_last_epoch_with_identical_results(tm
     _fit(again, RunContext(run_dir=tmp_path), calls)  # a finished fit is restored, not retrained
     assert calls == [] and torch.equal(torch.rand(3), ref_next)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), again.state_dict().values()))
+
+
+def test_checkpoint_every_s_throttles_epoch_checkpoints_and_resume_stays_exact(tmp_path, monkeypatch):
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, **kw: (saved.append(obj["epoch"]), real_save(obj, f, **kw)))
+    ref = _model()
+    _fit(ref, RunContext(), [])
+    ticks = iter(range(10_000))  # fit's clock: each reading 1 s after the previous one
+    monkeypatch.setattr("rftbench.train.time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    with pytest.raises(Interrupted):  # killed during epoch 4
+        _fit(_model(), RunContext(run_dir=tmp_path, checkpoint_every_s=2.5), [], stop_at=17)
+    assert saved == [3]  # not after epochs 1 and 2 (too soon), after 3; never the unfinished 4
+    assert PROGRESS["epoch"] == 3 and PROGRESS["saved"] == 3
+    saved.clear()
+    calls, model = [], _model()
+    _fit(model, RunContext(run_dir=tmp_path, checkpoint_every_s=1e9), calls)
+    assert saved == [4] and len(calls) == 5  # resumed after epoch 3; the last epoch is always saved
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+
+
+def test_the_interrupt_line_says_which_epoch_a_rerun_resumes_from(monkeypatch):
+    from rftbench.run import interrupted_line
+
+    monkeypatch.setitem(PROGRESS, "epochs", 30)
+    monkeypatch.setitem(PROGRESS, "epoch", 7)
+    monkeypatch.setitem(PROGRESS, "saved", 7)
+    assert interrupted_line() == "interrupted after epoch 7/30; rerun the same command to resume"
+    monkeypatch.setitem(PROGRESS, "saved", 5)
+    assert interrupted_line() == ("interrupted after epoch 7/30 (its checkpoint holds epoch 5: checkpoint_every_s); "
+                                  "rerun the same command to resume")
 
 
 def test_checkpoints_go_when_the_run_finishes_or_failed(tmp_path):

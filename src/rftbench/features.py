@@ -160,6 +160,8 @@ def entry_key(model: nn.Module, split: Split, ctx: RunContext, batch_size: int,
             "transform": "tensor" if split.in_memory else repr(split.transform),
             "device": ctx.device.type, "autocast": "bf16" if ctx.cuda else "none",
             "batch_size": batch_size, "torch": torch.__version__}
+    if split.decoder is not None:  # suite.decode=cuda: other decoded pixels (rftbench.data.folders)
+        desc["decode"] = split.decoder.device
     blob = json.dumps(desc, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:24], {**desc, **about(ctx.spec)}
 

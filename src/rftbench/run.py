@@ -49,7 +49,8 @@ def build_suite(cfg: DictConfig, ctx: RunContext) -> Suite:
     from rftbench.transforms import attach
 
     suite = call(cfg.suite.build, seed=cfg.seed, cache_dir=str(ctx.cache_dir))
-    return attach(suite, cfg.suite.train_transform, cfg.suite.eval_transform, input_spec(cfg.backbone))
+    return attach(suite, cfg.suite.train_transform, cfg.suite.eval_transform, input_spec(cfg.backbone),
+                  cfg.suite.get("decode", "cpu"))
 
 
 def resolve_workers(value: int | str) -> int:
@@ -151,7 +152,8 @@ def execute(cfg: DictConfig) -> str:
         ctx = RunContext(device=device, seed=cfg.seed, cache_dir=Path(cfg.paths.cache),
                          run_dir=folder.path, eval_batch_size=cfg.eval.batch_size,
                          num_workers=resolve_workers(cfg.num_workers), spec=start_spec(cfg),
-                         store=feature_store(cfg), accumulate=cfg.budget.get("accumulate", 1))
+                         store=feature_store(cfg), accumulate=cfg.budget.get("accumulate", 1),
+                         checkpoint_every_s=float(cfg.get("checkpoint_every_s", 0)))
         try:
             ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a read-only shared cache: entries are read, new ones not stored
@@ -244,8 +246,11 @@ def interrupted_line() -> str:
     """The one line an interrupted run prints: how far its training got and how to resume."""
     from rftbench.train import PROGRESS
 
-    where = f" after epoch {PROGRESS['epoch']}/{PROGRESS['epochs']}" if PROGRESS["epochs"] else ""
-    return f"interrupted{where}; rerun the same command to resume"
+    if not PROGRESS["epochs"]:
+        return "interrupted; rerun the same command to resume"
+    done, saved = PROGRESS["epoch"], PROGRESS["saved"]
+    resume = "" if saved == done else f" (its checkpoint holds epoch {saved}: checkpoint_every_s)"
+    return f"interrupted after epoch {done}/{PROGRESS['epochs']}{resume}; rerun the same command to resume"
 
 
 sweep.register_resolvers()

@@ -28,8 +28,9 @@ from rftbench.selection import Running
 log = logging.getLogger("rftbench")
 
 
-# The epoch the current training last finished, of how many (the runner's interrupt message).
-PROGRESS = {"epoch": 0, "epochs": 0}
+# The epoch the current training last finished, of how many, and the last epoch its checkpoint holds
+# (the runner's interrupt message).
+PROGRESS = {"epoch": 0, "epochs": 0, "saved": 0}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,6 +66,7 @@ class RunContext:
     spec: dict = field(default_factory=dict)  # resolved backbone + suite + seed: the starting point
     store: FeatureStore = field(default_factory=FeatureStore)  # frozen features (default: in memory)
     accumulate: int = 1  # budget.accumulate: micro-batches per optimizer step of every `fit` of the run
+    checkpoint_every_s: float = 0.0  # checkpoint_every_s: at most one epoch checkpoint per this many seconds
 
     @property
     def cuda(self) -> bool:
@@ -228,9 +230,10 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     """Train `params` (default: every parameter that requires grad) and keep the best val epoch
     (`rftbench.selection`: ties -> the earlier epoch).
 
-    `checkpoint_key` names this training's per-epoch checkpoints in the run folder (unique within a
+    `checkpoint_key` names this training's epoch checkpoints in the run folder (unique within a
     run, e.g. "ft" or "rws-expert-fog"; None: no checkpoints), so that a requeued attempt of the run
-    continues it. `forward(model, x)` returns what `loss_fn(out, y)` consumes (default: logits and
+    continues it. A checkpoint is written after an epoch when `ctx.checkpoint_every_s` seconds have
+    passed since the last one (0: every epoch), and always after the last epoch. `forward(model, x)` returns what `loss_fn(out, y)` consumes (default: logits and
     cross-entropy); `bn_eval` keeps BatchNorm statistics frozen (frozen-backbone methods);
     `select="last"` keeps the final epoch instead of the best val epoch. `after_step(model)` runs
     after every optimizer step (e.g. TPGM's projection); its `state_dict()` travels with the
@@ -264,7 +267,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
     sched = make_scheduler(opt, scheduler, epochs, steps)
     best, history = Running(), []
     t0, first, spent = time.perf_counter(), 1, 0.0
-    ckpt = None
+    ckpt, last_save = None, t0
     if ctx.run_dir is not None and checkpoint_key is not None:
         from rftbench.results import CHECKPOINTS
         from rftbench.utils import atomic_path, stable_hash, tensor_digest
@@ -290,7 +293,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             if ctx.cuda and "cuda_rng" in saved:
                 torch.cuda.set_rng_state(saved["cuda_rng"].cpu())
             log.info("resumed from %s after epoch %d/%d", ckpt.name, saved["epoch"], epochs)
-    PROGRESS.update(epoch=first - 1, epochs=epochs)
+    PROGRESS.update(epoch=first - 1, epochs=epochs, saved=first - 1)
     for epoch in range(first, epochs + 1):
         model.train()
         if bn_eval:
@@ -324,7 +327,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             best = Running(epoch, val_acc, _state_copy(model), epoch)
         elif best.offer(epoch, val_acc):
             best.payload = _state_copy(model)
-        if ckpt is not None:
+        if ckpt is not None and (epoch == epochs or time.perf_counter() - last_save >= ctx.checkpoint_every_s):
             state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "best_state": best.payload, "best_acc": best.score,
                      "best_epoch": best.candidate, "history": history, "rng": torch.get_rng_state(),
@@ -336,6 +339,7 @@ def fit(model: nn.Module, train: Split, val: Split, ctx: RunContext, *, optimize
             try:
                 with atomic_path(ckpt) as tmp:
                     torch.save(state, tmp)
+                last_save, PROGRESS["saved"] = time.perf_counter(), epoch
             except Exception as exc:  # never fail a run for its checkpoint
                 log.warning("cannot save %s (%s); continuing without checkpoints", ckpt, exc)
                 ckpt = None

@@ -11,6 +11,12 @@ per trial seed, epoch and image.
     suite.eval_transform:  {name: center_crop}   # resize to size / crop_pct, centre crop (ImageNet-like)
                            {name: resize}        # whole image to size x size (low-resolution datasets)
                            {name: none}          # images as stored
+    suite.decode:          cpu | cuda            # folder suites: where JPEGs are decoded and these run
+
+The same transform objects run on PIL images in the DataLoader workers (`cpu`) and on decoded uint8
+tensors on the GPU (`cuda`, `rftbench.data.folders.device_batch`): the random parameters are drawn
+from the same seeded CPU generator, so crops and flips are the same; only the pixel values of the
+decode and the resize differ slightly.
 """
 from __future__ import annotations
 
@@ -89,14 +95,21 @@ class _NativeRandomCrop(torch.nn.Module):
         return v2.RandomCrop((h, w), padding=self.padding)(x)
 
 
-def attach(suite: Suite, train_cfg: Mapping, eval_cfg: Mapping, spec: InputSpec) -> Suite:
-    """Set the evaluation transform on every streamed split and the augmentation on the train split."""
+def attach(suite: Suite, train_cfg: Mapping, eval_cfg: Mapping, spec: InputSpec, decode: str = "cpu") -> Suite:
+    """Set the evaluation transform on every streamed split and the augmentation on the train split,
+    and where they decode (`suite.decode`: `rftbench.data.folders.decoder_for`)."""
+    from rftbench.data.folders import decoder_for
+
     ev = eval_transform(eval_cfg, spec)
     tr = train_transform(train_cfg, spec, eval_cfg)
-    for split in suite.splits.values():
-        if not split.in_memory:
-            # a split may fix its own geometry (e.g. ImageNet-C's 224 px crops are only resized)
-            split.transform = eval_transform(split.meta["eval_transform"], spec) if "eval_transform" in split.meta else ev
-            split.train_transform = tr if split.role == "train" else None
-            split._loaders.clear()
+    streamed = [split for split in suite.splits.values() if not split.in_memory]
+    if decode != "cpu" and not streamed:
+        raise ValueError(f"suite.decode={decode}: suite {suite.name} keeps its images in memory, there is nothing "
+                         f"to decode; use suite.decode=cpu")
+    for split in streamed:
+        split.decoder = decoder_for(decode, split)
+        # a split may fix its own geometry (e.g. ImageNet-C's 224 px crops are only resized)
+        split.transform = eval_transform(split.meta["eval_transform"], spec) if "eval_transform" in split.meta else ev
+        split.train_transform = tr if split.role == "train" else None
+        split._loaders.clear()
     return suite

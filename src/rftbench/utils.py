@@ -295,3 +295,15 @@ def load_cached(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.
         return None
     metadata.pop(DIGEST_KEY)
     return {k: v.to(device) for k, v in tensors.items()}, metadata
+
+
+def seeded(transform: Callable | None, x, seed: int | None):
+    """`transform(x)`, under `torch.manual_seed(seed)` when a seed is given (the CPU generator only,
+    restored after: the per-image seeded augmentation); `x` unchanged without a transform."""
+    if transform is None:
+        return x
+    if seed is None:
+        return transform(x)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(x)

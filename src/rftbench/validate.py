@@ -6,11 +6,12 @@ tier and sizes, the batch size and the ECE bins), keys added with Hydra's `+` th
 the method's `adapt` function would ignore or reject only after training (unknown `eval.*` keys,
 compared with configs/eval/default.yaml; `method.adapt` keys that are not parameters of its
 `_target_`), the feature store's keys (`features.store`, `features.max_gb`, `features.batch_size`),
+`suite.decode` (cpu or cuda; cuda only where CUDA is available, for a run on the GPU),
 a backbone pre-training recipe set for a backbone without one, and cache / runs
 folders that are files (or under one). A `threads` value above the available cores is a warning,
 not an error (it runs, only slower). `check_suite` runs right after the suite is built, before the
 weights and any training: the checks that need its splits (train / val / test present, the attack
-subset's images per class, classes without training images)."""
+subset's images per class, classes without training images, empty or truncated image files)."""
 from __future__ import annotations
 
 import inspect
@@ -127,6 +128,28 @@ def _check_features(cfg: DictConfig) -> None:
         raise ConfigError(f"features.max_gb must be a number > 0 (GiB) or null (no cap), got {cap!r}")
 
 
+def _check_checkpoint_every(cfg: DictConfig) -> None:
+    value = cfg.get("checkpoint_every_s", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"checkpoint_every_s must be a number of seconds >= 0 (0: every epoch), got {value!r}")
+
+
+def _check_decode(cfg: DictConfig) -> None:
+    import torch
+
+    from rftbench.data.folders import DECODE
+
+    decode = OmegaConf.select(cfg, "suite.decode", default="cpu")
+    if decode not in DECODE:
+        raise ConfigError(f"suite.decode must be one of {', '.join(DECODE)}, got {decode!r}")
+    if decode == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("suite.decode=cuda decodes JPEGs on the GPU, and CUDA is not available here "
+                          "(torch.cuda.is_available() is False); use suite.decode=cpu")
+    if decode == "cuda" and str(cfg.get("device", "auto")) == "cpu":
+        raise ConfigError("suite.decode=cuda decodes on the GPU for a run on the GPU, and device=cpu; use "
+                          "device=auto (or cuda), or suite.decode=cpu")
+
+
 def _check_threads(cfg: DictConfig) -> None:
     threads, cores = cfg.get("threads"), available_cores()
     if isinstance(threads, int) and not isinstance(threads, bool) and threads > cores:
@@ -155,7 +178,9 @@ def validate_config(cfg: DictConfig) -> None:
     _check_eval(cfg)
     _check_adapt(cfg)
     _check_features(cfg)
+    _check_decode(cfg)
     _check_threads(cfg)
+    _check_checkpoint_every(cfg)
     if OmegaConf.select(cfg, "backbone.source", default=None) == "timm":
         from rftbench.backbones import require_timm_model
 
@@ -176,7 +201,9 @@ def check_suite(cfg: DictConfig, suite) -> None:
     """Checks that need the built suite, run before any training: a train, val and test split with
     images (`ConfigError` naming the suite's size keys), enough test images of every class for the
     class-balanced attack subset (naming `eval.adversarial.n`); classes without training images are a
-    warning."""
+    warning. Last, every image file of every split is checked for being empty or truncated
+    (`rftbench.data.preflight.check_image_files`, remembered in `paths.cache`), so that a damaged test or
+    OOD image fails the run before its training, naming the file and the split."""
     import torch
 
     size_keys = ", ".join(f"suite.build.{k}" for k in (cfg.suite.get("build") or {})
@@ -213,3 +240,6 @@ def check_suite(cfg: DictConfig, suite) -> None:
             raise ConfigError(f"eval.adversarial.n={n} takes {per_class} test images of each of the {len(present)} "
                               f"classes, and class {worst} has {int(present.min())}: set eval.adversarial.n <= {fit} "
                               f"(or eval.adversarial.enabled=false)")
+    from rftbench.data.preflight import check_image_files
+
+    check_image_files(suite, OmegaConf.select(cfg, "paths.cache", default=None))

@@ -9,16 +9,20 @@ Streamed splits carry per-image transforms: `transform` (evaluation: resize/crop
 input size, to float [0, 1]) and, on the train split, `train_transform` (augmentation), applied in
 the DataLoader workers. Augmentation is seeded per (batch seed, image index), so the same trial seed
 gives the same crops whatever the number of workers. A dataset should expose `targets` (one int
-label per item) so that labels are read without decoding images.
+label per item) so that labels are read without decoding images. A split of image files with a
+`decoder` (`suite.decode=cuda`) has its workers read file bytes only; the main process decodes
+each batch's JPEGs on that device and runs the same transforms there (`rftbench.data.folders`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from rftbench.utils import seeded
 
 ROLES = ("train", "val", "test", "ood", "ood_val")
 SHIFTS = ("id", "domain", "corruption", "adversarial", "natural")
@@ -43,6 +47,10 @@ class Split:
     # the split's own classes as groups of model logits: class k scores max(logits[:, logit_groups[k]]),
     # labels are 0..len(logit_groups)-1 (ObjectNet's 113 classes over ImageNet's 1,000)
     logit_groups: list[list[int]] | None = None
+    # None: the workers decode and transform; a `rftbench.data.folders.DeviceDecoder`: they read file
+    # bytes (its `dataset`), the main process decodes and transforms each batch on its device (its
+    # `batch`; image files only; suite.decode=cuda)
+    decoder: Any = None
     _loaders: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -85,7 +93,7 @@ class Split:
         if self.in_memory:
             return Split(x=self.x[index], y=self.y[index], **self._tags(name))
         return Split(dataset=Subset(self.dataset, torch.as_tensor(index).tolist()), transform=self.transform,
-                     train_transform=self.train_transform, **self._tags(name))
+                     train_transform=self.train_transform, decoder=self.decoder, **self._tags(name))
 
     def materialize(self, name: str | None = None, batch_size: int = 256, num_workers: int = 0) -> "Split":
         """The same split as tensors in memory (evaluation transform applied): for code that needs
@@ -132,6 +140,17 @@ def dataset_targets(dataset: Dataset) -> torch.Tensor:
     return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
+class ImageFileError(OSError):
+    """An image file of a suite cannot be decoded (truncated, empty, not an image): names the file.
+    Raised in a DataLoader worker, it comes back with the worker's traceback in its message; `str`
+    keeps the one line that names the file."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        start = text.rfind("cannot read image ")  # the last line: the message (source lines come first)
+        return text[start:].splitlines()[0] if start >= 0 else text
+
+
 class Transformed(Dataset):
     """`dataset` with a per-image transform; a key `(i, seed)` runs the transform under
     `torch.manual_seed(seed)` (seeded augmentation, independent of the worker that loads it)."""
@@ -143,21 +162,12 @@ class Transformed(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
-        from rftbench.data.folders import ImageFileError
-
         i, seed = key
         try:
             x, y = self.dataset[i]
         except ImageFileError as exc:  # name the split too
             raise ImageFileError(f"{exc} (split {self.split})") from None
-        if self.transform is not None:
-            if seed is None:
-                x = self.transform(x)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    x = self.transform(x)
-        return x, int(y)
+        return seeded(self.transform, x, seed), int(y)
 
 
 class SeededOrder(Sampler):
@@ -190,8 +200,12 @@ def _loader(split: Split, batch_size: int, augment: bool, num_workers: int, pin:
     persistent = num_workers > 0 and split.role in ("train", "val")
     transform = split.train_transform if augment else split.transform
     extra = dict(persistent_workers=persistent, prefetch_factor=4) if num_workers > 0 else {}
-    loader = DataLoader(Transformed(split.dataset, transform, split.name), batch_size=batch_size,
-                        sampler=SeededOrder(len(split.dataset)), num_workers=num_workers, pin_memory=pin, **extra)
+    if split.decoder is None:
+        dataset, collate = Transformed(split.dataset, transform, split.name), None
+    else:  # workers read bytes; batches() decodes and transforms
+        dataset, collate, pin = split.decoder.dataset(split.dataset, split.name), list, False
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=SeededOrder(len(split.dataset)),
+                        num_workers=num_workers, pin_memory=pin, collate_fn=collate, **extra)
     if persistent or num_workers == 0:
         split._loaders[key] = loader
     return loader
@@ -218,6 +232,9 @@ def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0,
     augment = augment and split.train_transform is not None
     loader = _loader(split, batch_size, augment, num_workers, device.type == "cuda")
     loader.sampler.reset(shuffle, seed, augment)
+    if split.decoder is not None:
+        transform = split.train_transform if augment else split.transform
+        loader = (split.decoder.batch(items, transform) for items in loader)
     for xb, yb in loader:
         yield xb.to(device, non_blocking=True), torch.as_tensor(yb).to(device, non_blocking=True)
 

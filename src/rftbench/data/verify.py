@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from rftbench.data.folders import hidden, list_images
+from rftbench.data.folders import hidden, image_files, list_images
 
 
 @dataclass
@@ -196,21 +196,6 @@ def download(suite_cfg: Mapping) -> list[str]:
         return [f"downloaded {build['dataset']} into {build['root']}; CIFAR-10-C / CIFAR-10.1 are not "
                 f"downloadable through torchvision: see `verify` for their sources"]
     return [f"suite {suite_cfg['name']}: torchvision cannot download it; `verify` names each part's source"]
-
-
-def image_files(dataset) -> list[str] | None:
-    """The image paths behind a streamed split's dataset (ImageFiles, or a Subset of one); None for
-    datasets of another kind."""
-    from torch.utils.data import Subset
-
-    from rftbench.data.folders import ImageFiles
-
-    if isinstance(dataset, Subset):
-        inner = image_files(dataset.dataset)
-        return None if inner is None else [inner[i] for i in dataset.indices]
-    if isinstance(dataset, ImageFiles):
-        return [path for path, _ in dataset.samples]
-    return None
 
 
 def unreadable_images(suite) -> tuple[list[tuple[str, str, str]], list[str]]:
