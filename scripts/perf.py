@@ -1,4 +1,6 @@
-"""`make perf`: rftbench's hot paths against bare PyTorch loops, one report (results/perf.md).
+"""`make perf`: rftbench's hot paths against bare PyTorch loops, one report (results/perf.md) and its
+machine-readable companion with the same figures (results/perf.json: backbone, device, precision and
+phase per line; `rftbench.costs` reads it for `--plan`'s estimates).
 
 Each line times rftbench's path (A) and a bare loop doing the same work (B) on the same model, data
 and settings, in this process: warm-up calls of both, then repetitions in the order A B, B A, A B, ...
@@ -14,18 +16,22 @@ what the probes add), AutoAttack (`rftbench.attacks.attack` against the pyautoat
 directly), a folder suite's loader (synthetic PNG tree; against torchvision `ImageFolder` +
 `DataLoader`) and the feature store (a 3-seed CT sweep with against without it). With CUDA also
 ResNet-50 and ViT-B/16 at 224 px (random weights), bf16 autocast + channels_last, training and
-evaluation, with peak GPU memory; without CUDA those lines say "not measured".
+evaluation, with peak GPU memory, and `gpu/decode`: a folder suite's loader of photo-sized JPEGs with
+suite.decode=cuda against suite.decode=cpu; without CUDA those lines say "not measured".
 
     .venv/bin/python scripts/perf.py [--quick] [--out results/perf.md] [--lines train/,loader] [hydra overrides...]
+    .venv/bin/python scripts/perf.py --json-from-md results/perf.md   # only (re)write results/perf.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
+import json
 import math
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -495,14 +501,27 @@ def replace_seed(cfg: DictConfig, seed: int, updates: dict | None = None) -> Dic
 
 # ---- GPU lines ---------------------------------------------------------------------------------
 
-def gpu_lines(s: Settings) -> list[Line]:
-    """ResNet-50 and ViT-B/16 training and evaluation on CUDA (bf16 autocast, channels_last), or
-    the same lines marked not measured."""
+GPU_KINDS = ("train", "evaluate")
+GPU_DECODE = "gpu/decode"
+GPU_KEYS = (*(f"gpu/{name}/{kind}" for name in GPU_ARCHS for kind in GPU_KINDS), GPU_DECODE)
+DECODE_WHAT = "folder suite loader, JPEGs -> ResNet-50's 224 px eval transform on cuda: suite.decode=cuda vs cpu"
+
+
+def gpu_lines(s: Settings, wanted: Callable[[str], bool] = lambda key: True) -> list[Line]:
+    """The `wanted` lines of ResNet-50 and ViT-B/16 training and evaluation on CUDA (bf16 autocast,
+    channels_last) and of the folder-suite loader decoding on the GPU (`gpu_decode_line`), or the same
+    lines marked not measured."""
     if not torch.cuda.is_available():
-        return [Line(f"gpu/{name}/{kind}", f"{arch} 224 px, bf16 + channels_last", 0,
-                     target=0.95 if (name, kind) == ("resnet50", "train") else None, skipped="no CUDA")
-                for name, arch in GPU_ARCHS.items() for kind in ("train", "evaluate")]
-    return [line for name, arch in GPU_ARCHS.items() for line in gpu_arch_lines(name, arch, s)]
+        lines = [Line(f"gpu/{name}/{kind}", f"{arch} 224 px, bf16 + channels_last", 0,
+                      target=0.95 if (name, kind) == ("resnet50", "train") else None, skipped="no CUDA")
+                 for name, arch in GPU_ARCHS.items() for kind in GPU_KINDS]
+        lines.append(Line(GPU_DECODE, DECODE_WHAT, 0, skipped="no CUDA"))
+    else:
+        lines = [line for name, arch in GPU_ARCHS.items() if any(wanted(f"gpu/{name}/{k}") for k in GPU_KINDS)
+                 for line in gpu_arch_lines(name, arch, s)]
+        if wanted(GPU_DECODE):
+            lines.append(gpu_decode_line(s))
+    return [line for line in lines if wanted(line.key)]
 
 
 def gpu_arch_lines(name: str, arch: str, s: Settings, device: str = "cuda") -> list[Line]:
@@ -542,6 +561,50 @@ def gpu_arch_lines(name: str, arch: str, s: Settings, device: str = "cuda") -> l
     if cuda:
         torch.cuda.empty_cache()
     return lines
+
+
+def make_jpeg_tree(root: Path, n: int, classes: int = 4, seed: int = 0) -> list[tuple[str, int]]:
+    """`n` photo-sized RGB JPEGs (500 x 375 or 375 x 500, quality 90, smooth content plus grain) in
+    `classes` class folders; returns the (path, label) samples."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = (500, 375) if i % 2 else (375, 500)
+        coarse = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int64)
+        pixels = np.clip(smooth + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i}.JPEG", quality=90)
+        samples.append((str(folder / f"img_{i}.JPEG"), i % classes))
+    return samples
+
+
+def gpu_decode_line(s: Settings, device: str = "cuda") -> Line:
+    """A folder suite's loader (`batches` onto the GPU, ResNet-50's evaluation transform, the runs'
+    default workers) with suite.decode=cuda (the rftbench column: workers read bytes, the GPU decodes and
+    transforms) against suite.decode=cpu (the bare column: the workers decode with PIL and transform):
+    ratio > 1 when decoding on the GPU feeds it faster."""
+    from rftbench.backbones import input_spec
+    from rftbench.data.folders import ImageFiles
+    from rftbench.run import resolve_workers
+    from rftbench.transforms import eval_transform
+
+    spec = input_spec(OmegaConf.load(Path(CONFIG_DIR) / "backbone" / "resnet50.yaml"))
+    workers, bs = resolve_workers("auto"), 4 * s.gpu_batch
+    with tempfile.TemporaryDirectory(prefix="rftbench-perf-jpeg-") as tmp:
+        files = ImageFiles(make_jpeg_tree(Path(tmp), s.gpu_images))
+        split = {d: Split("test", "test", dataset=files, transform=eval_transform({"name": "center_crop"}, spec),
+                          decode_device=d) for d in (device, None)}
+
+        def load(decode_device: str | None) -> None:
+            for _ in batches(split[decode_device], bs, num_workers=workers, device=device):
+                pass
+
+        what = (f"folder suite loader, {len(files)} JPEGs of 500 x 375 and 375 x 500 -> ResNet-50's {spec.size} px "
+                f"eval transform on {device}, {workers} workers, batch {bs}: suite.decode=cuda vs cpu")
+        return measure(Line(GPU_DECODE, what, len(files)), partial(load, device), partial(load, None), s,
+                       gpu=device == "cuda")
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -618,6 +681,74 @@ def report(lines: list[Line], s: Settings, load: tuple[float, float], overrides:
     return "\n".join(head) + "\n"
 
 
+# ---- the machine-readable companion (results/perf.json) -----------------------------------------
+
+CPU_PHASES = {"train/in_memory": "train", "train/streamed": "train", "evaluate": "evaluate", "features": "features",
+              "ct_sweep": "probe_sweep", "autoattack": "attack", "loader": "load", "store": "store"}
+ATTACK_WHAT = re.compile(r"AutoAttack (?P<tier>\w+) \((?P<norm>\w+), eps (?P<eps>[\d.]+), (?P<n_iter>\d+) "
+                         r"iterations\), (?P<n>\d+) images")
+
+
+def _number(cell: str) -> float | None:
+    """A report cell's leading number ("816.5 images/s", ">= 0.97", "0.976"), None for "-" / "not measured"."""
+    match = re.match(r"(?:>= )?([\d.]+)", cell)
+    return float(match.group(1)) if match else None
+
+
+def report_meta(text: str) -> dict[str, str]:
+    """The report's `- key: value` lines (machine, versions, device, load, date, settings)."""
+    return dict(ln[2:].split(": ", 1) for ln in text.splitlines() if ln.startswith("- ") and ": " in ln)
+
+
+def report_rows(text: str) -> list[dict[str, str]]:
+    """The report's table as {column: cell} per line."""
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| line |")]
+    return [dict(zip(COLUMNS, (c.strip() for c in ln.strip("|").split(" | ")))) for ln in rows]
+
+
+def where(key: str, measures: str, cpu_backbone: str) -> dict:
+    """A line's backbone (configs/backbone/<name>.yaml; None when no backbone applies), device, precision
+    and phase: train = forward+backward images/s, evaluate = inference images/s, features, attack, ..."""
+    parts = key.split("/")
+    if parts[0] == "gpu":
+        backbone, phase = (parts[1], parts[2]) if len(parts) == 3 else (None, parts[-1])
+        return {"backbone": backbone, "device": "cuda", "precision": "bf16" if "bf16" in measures else "fp32",
+                "phase": phase}
+    return {"backbone": cpu_backbone, "device": "cpu", "precision": "fp32", "phase": CPU_PHASES.get(key, key)}
+
+
+def perf_records(text: str) -> dict:
+    """results/perf.json's content from a perf.md report: the same figures, one record per line with its
+    backbone, device, precision and phase, the machine and date; the AutoAttack line with the attack it
+    measured (the digits lines' config: the report's overrides, else the defaults)."""
+    meta = report_meta(text)
+    overrides = meta.get("settings", "").partition("; overrides: ")[2].split()
+    cfg = compose_cfg(overrides, "ft")
+    adv = OmegaConf.to_container(cfg.eval.adversarial, resolve=True)
+    lines = []
+    for cells in report_rows(text):
+        record = {"line": cells["line"], "measures": cells["measures"],
+                  **where(cells["line"], cells["measures"], str(cfg.backbone.name)),
+                  "images_per_s": _number(cells["rftbench"]), "bare_images_per_s": _number(cells["bare"]),
+                  "ratio": _number(cells["ratio"]), "target": _number(cells["target"]), "result": cells["result"],
+                  "machine": meta["machine"], "date": meta["date"]}
+        found = ATTACK_WHAT.match(cells["measures"])
+        if record["phase"] == "attack" and found:
+            record["attack"] = {"tier": found["tier"], "n_iter": int(found["n_iter"]),
+                                "n_target_classes": adv["n_target_classes"], "n": int(found["n"]),
+                                "threats": [{"norm": found["norm"], "eps": float(found["eps"])}]}
+        lines.append(record)
+    return {"source": "perf.md of the same run (scripts/perf.py)", "versions": meta.get("versions"),
+            "lines": lines}
+
+
+def write_json(md: Path, out: Path | None = None) -> Path:
+    """Write the JSON companion of the report `md` (default: the same name, .json)."""
+    out = out or md.with_suffix(".json")
+    out.write_text(json.dumps(perf_records(md.read_text()), indent=1) + "\n")
+    return out
+
+
 def run(selected: list[str], s: Settings, overrides: list[str]) -> list[Line]:
     """Measure the selected lines (keys or key prefixes; empty: all)."""
     wanted = lambda key: not selected or any(key.startswith(p) for p in selected)  # noqa: E731
@@ -635,11 +766,10 @@ def run(selected: list[str], s: Settings, overrides: list[str]) -> list[Line]:
                 except StoreUnavailable as exc:
                     lines.append(Line(key, "feature store", 0, target=2.0, skipped=str(exc)))
                 print(f"{row(lines[-1])}  ({time.perf_counter() - t0:.1f} s)", flush=True)
-    if any(wanted(f"gpu/{name}/") for name in GPU_ARCHS):
-        for line in gpu_lines(s):
-            if wanted(line.key):
-                lines.append(line)
-                print(row(line), flush=True)
+    if any(wanted(key) for key in GPU_KEYS):
+        for line in gpu_lines(s, wanted):
+            lines.append(line)
+            print(row(line), flush=True)
     return lines
 
 
@@ -651,12 +781,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1)")
     ap.add_argument("--betas", default=None, help="CT's candidate betas, comma-separated (default: method=ct's grid)")
+    ap.add_argument("--json-from-md", metavar="REPORT", default=None,
+                    help="measure nothing: write REPORT's JSON companion (REPORT with .json) from its figures")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the digits lines (e.g. experiment=tiny)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    if args.json_from_md:
+        print(f"wrote {write_json(Path(args.json_from_md))}")
+        return Path(args.json_from_md).read_text()
     betas = None if args.betas is None else tuple(float(b) for b in args.betas.split(","))
     given = {k: v for k, v in (("reps", args.reps), ("threads", args.threads), ("betas", betas)) if v is not None}
     s = Settings.quick(**given) if args.quick else replace(Settings(), **given)
@@ -666,7 +801,7 @@ def main(argv: list[str] | None = None) -> str:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out} and {write_json(out)}")
     return text
 
 

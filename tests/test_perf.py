@@ -127,7 +127,7 @@ def test_quick_report_has_every_line_in_its_layout(perf, tmp_path):
     rows = [ROW.match(ln) for ln in lines[header + 2:] if ln.startswith("| ")]
     assert all(rows), [ln for ln in lines[header + 2:] if ln.startswith("| ")]
     gpu_keys = [f"gpu/{name}/{kind}" for name in perf.GPU_ARCHS for kind in ("train", "evaluate")]
-    assert [r["key"] for r in rows] == [*perf.CPU_LINES, *gpu_keys]
+    assert [r["key"] for r in rows] == [*perf.CPU_LINES, *gpu_keys, "gpu/decode"]
     targets = {"train/in_memory": ">= 0.97", "train/streamed": ">= 0.97", "evaluate": ">= 0.97",
                "autoattack": ">= 0.98", "loader": ">= 0.95", "store": ">= 2.00", "gpu/resnet50/train": ">= 0.95"}
     for r in rows:

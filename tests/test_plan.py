@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
-from rftbench.plan import estimate, plan, report
+from rftbench.plan import _duration, estimate, plan, report
 from rftbench.results import RunFolder, _start_time
 from rftbench.run import CONFIG_DIR, execute, run_folder
 
@@ -61,12 +61,18 @@ def test_plan_of_a_partly_finished_sweep(make_cfg, tmp_path, capsys):
         holder.wait()
     print(text)
     assert list(table["status"]) == ["done", "done", "failed", "running", "incomplete", "pending"]
-    assert list(table["cost_s"]) == [12.0, 24.0, 18.0, 18.0, 18.0, 18.0]
-    assert list(table["cost_basis"]) == ["measured", "measured", "2 runs, same suite/backbone/method",
-                                         "2 runs, any", "2 runs, any", "2 runs, any"]
+    # done: measured; zeroshot: its finished runs; lp (none finished): the cost model on perf.json
+    assert list(table["est_s"])[:3] == [12.0, 24.0, 18.0]
+    assert list(table["basis"])[:3] == ["measured", "measured", "2 runs, same suite/backbone/method"]
+    assert all(b.startswith("perf.json ") for b in table["basis"][3:]) and (table["est_s"][3:] < 18).all()
+    # without perf.json the lp rows fall back to any finished runs
+    bare = plan(overrides, perf=tmp_path / "none.json")
+    assert list(bare["est_s"]) == [12.0, 24.0, 18.0, 18.0, 18.0, 18.0]
+    assert list(bare["basis"])[3:] == ["2 runs, any (no measurement for digits_resnet on cpu)"] * 3
     assert table.loc[2, "error"] == "ValueError: bad head"
     assert text.startswith("sweep plan: 6 jobs: 2 done, 1 failed, 1 running, 1 incomplete, 1 pending")
-    assert "to run: 4 jobs, estimated 1m12s of compute" in text
+    assert f"to run: 4 jobs, estimated {_duration(table['est_s'][2:].sum())} of compute" in text
+    assert "images to compute: " in text and "(4 jobs)" in text  # the jobs to run: 3 lp, the failed zeroshot
     assert f"failed: {z2.path}: ValueError: bad head" in text
 
 

@@ -1,5 +1,7 @@
 """What a sweep would run: its jobs, which are done, failed, running or pending, and the remaining
-cost estimated from finished runs. Same arguments as the sweep:
+cost: estimated from finished runs of the same suite/backbone/method, else from the cost model
+(`rftbench.costs`: the images each job computes over results/perf.json's measured throughput), else
+from any finished runs. Same arguments as the sweep:
 
     python -m rftbench.plan -m experiment=bench
     python -m rftbench.run -m experiment=bench --plan
@@ -17,6 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from hydra.types import RunMode
 
+from rftbench import costs
 from rftbench.identity import CONFIG_DIR
 from rftbench.results import load_metrics
 from rftbench.sweep import Job, error_line, expand, repeats_defaults  # noqa: F401 (Job: the rows' type)
@@ -58,54 +61,106 @@ def varying(jobs: list[Job]) -> list[list[str]]:
     return [[o for o in job.overrides if len(keys[o.split("=", 1)[0]]) > 1] for job in jobs]
 
 
-def plan(overrides: list[str], config_dir: str = CONFIG_DIR) -> pd.DataFrame:
+def plan(overrides: list[str], config_dir: str = CONFIG_DIR,
+         perf: str | Path | None = costs.PERF_JSON) -> pd.DataFrame:
     """One row per job of the sweep `overrides` would start: its overrides, run folder, status,
-    error (failed runs), cost (measured for done runs, else estimated) and what the estimate is
-    based on."""
+    error (failed runs), the images it computes by phase (`rftbench.costs`), its estimated seconds
+    `est_s` (measured for done runs) and what the estimate is based on (`basis`)."""
     with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name="run"):
         gh = GlobalHydra.instance()
         master = gh.hydra.compose_config("config", overrides, run_mode=RunMode.MULTIRUN)
         jobs = expand(master, gh.config_loader())
-    costs = run_costs(sorted({Path(j.cfg.paths.runs) for j in jobs}))
+    finished = run_costs(sorted({Path(j.cfg.paths.runs) for j in jobs}))
+    figures, stored = costs.load_perf(perf), stored_entries(jobs)
+    statuses = ["repeat" if repeats_defaults(j.cfg) else j.folder.status for j in jobs]  # repeat: skipped
+    provided = {costs.training_key(j.cfg) for j, st in zip(jobs, statuses) if st != "repeat"}
+    computed: set[tuple] = set()  # frozen features an earlier job of the sweep computes
     rows = []
-    for i, (job, vary) in enumerate(zip(jobs, varying(jobs))):
+    for i, (job, vary, st) in enumerate(zip(jobs, varying(jobs), statuses)):
         c = job.folder.columns
-        st = "repeat" if repeats_defaults(job.cfg) else job.folder.status  # skipped by the sweep
-        own = costs[costs["run_id"] == job.folder.run_id]
-        cost, basis = ((float(own["seconds"].iloc[0]), "measured") if st == "done" and len(own)
-                       else estimate(costs, c["suite"], c["backbone"], c["method"]))
-        rows.append({"job": i, "overrides": " ".join(vary), "suite": c["suite"], "backbone": c["backbone"],
-                     "method": c["method"], "seed": int(job.cfg.seed), "run_id": job.folder.run_id,
-                     "status": st, "cost_s": cost, "cost_basis": basis, "folder": str(job.folder.path),
-                     "error": error_line(job.folder) if st == "failed" else
-                     job.folder.damage() if st == "damaged" else ""})
+        row = {"job": i, "overrides": " ".join(vary), "suite": c["suite"], "backbone": c["backbone"],
+               "method": c["method"], "seed": int(job.cfg.seed), "run_id": job.folder.run_id, "status": st,
+               "timed_as": costs.perf_name(job.cfg),
+               **work_columns(job.cfg, provided, computed, stored), "folder": str(job.folder.path),
+               "error": error_line(job.folder) if st == "failed" else job.folder.damage() if st == "damaged" else ""}
+        own = finished[finished["run_id"] == job.folder.run_id]
+        row["est_s"], row["basis"] = ((float(own["seconds"].iloc[0]), "measured") if st == "done" and len(own)
+                                      else choose(finished, row, job.cfg, figures))
+        rows.append(row)
     table = pd.DataFrame(rows)
-    table.attrs["features"] = feature_entries(jobs)
+    table.attrs["features"] = feature_lines(jobs, stored)
     return table
 
 
-def feature_entries(jobs: list[Job]) -> list[str]:
-    """One line per (suite, backbone) of the sweep: the frozen-feature entries already in the store
-    (`rftbench.features`), which its frozen-backbone jobs (lp, ct, zeroshot, ...) read, not compute."""
+def work_columns(cfg, provided: set[tuple], computed: set[tuple], stored: dict[tuple, list[dict]]) -> dict:
+    """The job's images by phase (`<phase>_images`), or why they are unknown (`unknown`); its frozen
+    features count as computed when the store has its extractors' entries or an earlier job makes them."""
+    out = {f"{p}_images": math.nan for p in costs.PHASES} | {"unknown": ""}
+    try:
+        sizes = costs.suite_sizes(cfg)
+        if isinstance(sizes, str):
+            return out | {"unknown": sizes}
+        key = costs.extractor_key(cfg)
+        have = len(stored.get(store_key(cfg), [])) >= costs.extractors_needed(cfg)
+        work = costs.job_work(cfg, sizes, provided=provided - {costs.training_key(cfg)},
+                              features_done=key is not None and (key in computed or have))
+    except Exception as exc:  # a cost block the model cannot read: the row says why
+        return out | {"unknown": f"cost model: {type(exc).__name__}: {exc}"}
+    if key is not None:
+        computed.add(key)
+    return out | {f"{p}_images": n for p, n in work.images.items()}
+
+
+def choose(finished: pd.DataFrame, row: dict, cfg, figures: list[dict]) -> tuple[float, str]:
+    """A pending job's estimate: finished runs of the same suite/backbone/method, else the cost model on
+    perf.json, else finished runs of the same method or any (saying why the cost model could not)."""
+    est, basis = estimate(finished, row["suite"], row["backbone"], row["method"])
+    if basis.endswith("same suite/backbone/method"):
+        return est, basis
+    why = f"{row['suite']}: {row['unknown']}" if row["unknown"] else ""
+    if not why:
+        work = costs.Work({p: row[f"{p}_images"] for p in costs.PHASES})
+        modeled, why = costs.seconds(work, figures, row["timed_as"], costs.job_device(cfg))
+        if row["timed_as"] != row["backbone"]:
+            why = f"{why} ({row['backbone']} timed as {row['timed_as']}: backbone.perf_as)"
+        if not math.isnan(modeled):
+            return modeled, why
+    return est, f"{basis} ({why})" if not math.isnan(est) else why
+
+
+def store_key(cfg) -> tuple:
+    """(suite, backbone name, backbone config): what the store's entries are listed by."""
+    from omegaconf import OmegaConf
+
+    return cfg.suite.name, cfg.backbone.name, str(OmegaConf.to_container(cfg.backbone, resolve=True))
+
+
+def stored_entries(jobs: list[Job]) -> dict[tuple, list[dict]]:
+    """Per (suite, backbone) of the sweep's jobs that use the feature store: the frozen-feature entries
+    already in it (`rftbench.features`)."""
     from omegaconf import OmegaConf
 
     from rftbench.features import entries_for
 
-    lines, seen = [], set()
+    out: dict[tuple, list[dict]] = {}
     for job in jobs:
         cfg = job.cfg
-        if not (cfg.get("features") or {}).get("store", True):
+        if not (cfg.get("features") or {}).get("store", True) or store_key(cfg) in out:
             continue
         backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-        key = (cfg.suite.name, cfg.backbone.name, str(backbone))
-        if key in seen:
-            continue
-        seen.add(key)
-        found = entries_for(Path(cfg.paths.cache) / "features", backbone, cfg.suite.name)
+        out[store_key(cfg)] = entries_for(Path(cfg.paths.cache) / "features", backbone, cfg.suite.name)
+    return out
+
+
+def feature_lines(jobs: list[Job], stored: dict[tuple, list[dict]]) -> list[str]:
+    """One line per (suite, backbone) of the sweep: the frozen-feature entries already in the store,
+    which its frozen-backbone jobs (lp, ct, zeroshot, ...) read, not compute."""
+    lines = []
+    for (suite, backbone, _), found in stored.items():
         size = sum(e["bytes"] for e in found) / 2 ** 20
-        lines.append(f"feature store: {cfg.suite.name}/{cfg.backbone.name}: {len(found)} entries "
-                     f"({size:.1f} MiB) already computed" + (" (one per extractor: the plain backbone, each "
-                     "CT beta)" if found else ""))
+        lines.append(f"feature store: {suite}/{backbone}: {len(found)} entries ({size:.1f} MiB) already computed"
+                     + (" (one per extractor: the plain backbone, each CT beta; jobs whose extractors are all "
+                        "there are estimated without computing them)" if found else ""))
     return lines
 
 
@@ -116,17 +171,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def total_line(table: pd.DataFrame) -> str:
+    """The remaining compute: the estimates of the jobs to run, summed."""
+    todo = table[~table["status"].isin(["done", "repeat"])]
+    unknown = int(todo["est_s"].isna().sum())
+    return (f"to run: {len(todo)} jobs, estimated {_duration(todo['est_s'].sum(skipna=True))} of compute "
+            f"(one after another; divide by the parallel jobs)"
+            + (f", {unknown} without an estimate" if unknown else ""))
+
+
 def report(table: pd.DataFrame) -> str:
     """The plan as text: the jobs, the counts per status and the remaining cost."""
     counts = ", ".join(f"{(table['status'] == s).sum()} {s}" for s in STATUSES if (table["status"] == s).any())
-    shown = table[["job", "overrides", "method", "seed", "status", "cost_s", "cost_basis", "folder"]].copy()
-    shown["cost_s"] = shown["cost_s"].map(_duration)
-    todo = table[~table["status"].isin(["done", "repeat"])]
-    unknown = int(todo["cost_s"].isna().sum())
-    lines = [f"sweep plan: {len(table)} jobs: {counts}", shown.to_string(index=False),
-             f"to run: {len(todo)} jobs, estimated {_duration(todo['cost_s'].sum(skipna=True))} of compute "
-             f"(one after another; divide by the parallel jobs)"
-             + (f", {unknown} without an estimate" if unknown else "")]
+    shown = table[["job", "overrides", "method", "seed", "status", "est_s", "basis", "folder"]].copy()
+    shown["est_s"] = shown["est_s"].map(_duration)
+    lines = [f"sweep plan: {len(table)} jobs: {counts}", shown.to_string(index=False), total_line(table),
+             costs.totals_line(table)]
     lines += table.attrs.get("features", [])
     failed = table[table["status"] == "failed"]
     if (table["status"] == "repeat").any():
