@@ -369,6 +369,30 @@ def test_an_unwritable_cache_computes_without_storing(make_cfg, tmp_path, monkey
     assert not list(cache.rglob("*.safetensors"))
 
 
+def test_a_failure_after_training_with_an_unwritable_cache_costs_no_retraining(make_cfg, tmp_path, monkeypatch):
+    """The model cannot be cached (read-only cache) and the evaluation fails: the rerun resumes from the
+    last epoch's checkpoint in the run folder, trains no step, and ends `done`."""
+    import errno
+
+    from rftbench import run as runner
+    from rftbench import utils
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(utils, "save_tensors_atomic", refuse)
+    steps, real_step, real_evaluate = [], train.accumulate_gradients, runner.evaluate
+    monkeypatch.setattr(train, "accumulate_gradients", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    cfg = make_cfg("method=ft", "budget.epochs=2", f"paths.cache={tmp_path / 'cache'}")
+    with pytest.raises(RuntimeError, match="disk full"):
+        execute(cfg)
+    assert steps and run_folder(cfg).status == "failed" and list(run_folder(cfg).path.rglob("*.pt"))
+    steps.clear()
+    monkeypatch.setattr(runner, "evaluate", real_evaluate)
+    assert execute(cfg) == "done" and steps == []  # resumed after the last epoch: nothing trained again
+    assert not list(run_folder(cfg).path.rglob("*.pt"))
+
+
 def test_a_read_only_bind_mounted_cache_works(make_cfg, tmp_path, caplog):
     """A real read-only file system (a bind mount; needs root and mount rights, else skipped)."""
     import subprocess

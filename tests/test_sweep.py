@@ -338,7 +338,7 @@ def test_the_interrupt_line_says_which_epoch_a_rerun_resumes_from(monkeypatch):
                                   "rerun the same command to resume")
 
 
-def test_checkpoints_go_when_the_run_finishes_or_failed(tmp_path):
+def test_checkpoints_survive_interrupts_and_failures_and_go_when_the_run_finishes(tmp_path):
     folder = RunFolder(tmp_path, "s", "b", "m", "r")
     folder.start()
     (folder.path / CHECKPOINTS).mkdir()
@@ -346,10 +346,9 @@ def test_checkpoints_go_when_the_run_finishes_or_failed(tmp_path):
     folder.lock.release()  # killed: the next attempt keeps the checkpoints
     folder.start()
     assert (folder.path / CHECKPOINTS / "fit1-x.pt").exists()
-    folder.fail(RuntimeError("boom"))  # failed: the next attempt starts over
+    folder.fail(RuntimeError("boom"))  # failed (e.g. after training): the next attempt continues too
     folder.start()
-    assert not (folder.path / CHECKPOINTS).exists()
-    (folder.path / CHECKPOINTS).mkdir()
+    assert (folder.path / CHECKPOINTS / "fit1-x.pt").exists() and not (folder.path / "error.txt").exists()
     folder.finish()
     assert not (folder.path / CHECKPOINTS).exists()
 

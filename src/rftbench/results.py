@@ -195,16 +195,16 @@ class RunFolder:
 
     def start(self) -> None:
         """Create the folder and take its lock (`RunBusy` if another process computes the run);
-        clear what a previous attempt left. An interrupted attempt's checkpoints are kept (the new
-        attempt continues from them); a failed attempt's are not."""
+        clear what a previous attempt left. The epoch checkpoints of an interrupted or failed attempt are
+        kept: the new attempt continues from them (they resume only the very same training; an
+        unreadable one trains from the start), so a failure after training, e.g. in the evaluation
+        with a read-only cache, costs no retraining. `finish` removes them."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         if self.done:
             self.lock.release()
             raise RunBusy(f"run {self.path} was finished by another process meanwhile")
         (self.path / "done").unlink(missing_ok=True)  # a damaged run is redone
-        if (self.path / "error.txt").exists():
-            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
         for stale in ("error.txt", "metrics.csv", "info.json"):
             (self.path / stale).unlink(missing_ok=True)
 
