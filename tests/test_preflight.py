@@ -214,3 +214,35 @@ def test_verify_lists_truncated_and_empty_files_with_their_split(tmp_path, capsy
     assert main(args[:-2] + args[-1:]) == 1  # the default val_per_class=10: more than the tree's 4 per class
     out = capsys.readouterr().out
     assert "file check skipped: the suite cannot be built: val_per_class=10 but class 0 has only 4" in out
+
+
+class ListedFiles(torch.utils.data.Dataset):
+    """A torchvision-style dataset (as the transfer suites load: Flowers102, DTD, ...): its files in
+    `_image_files`, read by PIL in __getitem__, wrapped in a subset like `rftbench.data.transfer.Indexed`."""
+
+    def __init__(self, paths: list[Path]):
+        self._image_files, self._labels = paths, [0] * len(paths)
+
+    def __len__(self) -> int:
+        return len(self._image_files)
+
+    def __getitem__(self, i: int):
+        return Image.open(self._image_files[i]).convert("RGB"), self._labels[i]
+
+
+def test_torchvision_datasets_that_list_their_files_are_checked_and_named_too(tmp_path):
+    from rftbench.data.base import Transformed, image_files
+
+    paths = [tmp_path / f"{i}.jpg" for i in range(3)]
+    data = image(paths[0], "JPEG")
+    for p in paths[1:]:
+        p.write_bytes(data)
+    paths[2].write_bytes(data[:200])  # truncated
+    listed = torch.utils.data.Subset(ListedFiles(paths), [2, 0])
+    assert image_files(listed) == [str(paths[2]), str(paths[0])]
+    suite = Suite("t", 1, {"test": Split("test", "test", dataset=listed)})
+    with pytest.raises(ImageFileError, match=rf"cannot read image {paths[2]}: truncated JPEG .*\(split test\)$"):
+        preflight.check_image_files(suite, None)
+    paths[1].write_bytes(b"")  # read by the loader: the library's OSError comes back naming the file
+    with pytest.raises(ImageFileError, match=rf"cannot read image {paths[1]}: UnidentifiedImageError.*\(split s\)$"):
+        Transformed(ListedFiles(paths), None, "s")[(1, None)]

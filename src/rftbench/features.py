@@ -92,31 +92,20 @@ def _file_key(path: str | Path) -> bytes:
     return _digest(f"file|{path}|{st.st_size}|{st.st_mtime_ns}".encode())
 
 
-_FILE_LISTS = ("samples", "imgs", "_samples", "_image_files", "_images", "images", "_files")
-
-
 def dataset_keys(dataset) -> list[bytes] | None:
     """One key per item of a map-style dataset, read without decoding any image; None when the
     dataset's items cannot be identified (its features are then computed, never stored)."""
-    from torch.utils.data import Subset
+    from rftbench.data.base import image_files
 
-    from rftbench.data.folders import ImageFiles
-    from rftbench.data.transfer import Indexed
-
-    if isinstance(dataset, (Subset, Indexed)):
+    files = image_files(dataset)  # ImageFiles, torchvision datasets' file lists, subsets of them
+    if files is not None:
+        return [_file_key(path) for path in files]
+    if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):  # Subset, Indexed
         parent = dataset_keys(dataset.dataset)
         return None if parent is None else [parent[int(i)] for i in dataset.indices]
-    if isinstance(dataset, ImageFiles):
-        return [_file_key(path) for path, _ in dataset.samples]
     if isinstance(dataset, UInt8Images):
         return _rows_keys(np.asarray(dataset.images), b"uint8|")
     n = len(dataset)
-    for name in _FILE_LISTS:  # torchvision datasets: a list of files, or of (file, label)
-        items = getattr(dataset, name, None)
-        if isinstance(items, (list, tuple)) and len(items) == n and n:
-            first = items[0][0] if isinstance(items[0], (list, tuple)) else items[0]
-            if isinstance(first, (str, os.PathLike)):
-                return [_file_key(it[0] if isinstance(it, (list, tuple)) else it) for it in items]
     data = getattr(dataset, "data", None)  # torchvision CIFAR/SVHN/MNIST: the pixels in memory
     if isinstance(data, (np.ndarray, torch.Tensor)) and len(data) == n:
         return _rows_keys(np.asarray(data), b"data|")

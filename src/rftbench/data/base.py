@@ -15,6 +15,7 @@ each batch's JPEGs on that device and runs the same transforms there (`rftbench.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -140,6 +141,28 @@ def dataset_targets(dataset: Dataset) -> torch.Tensor:
     return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
+# attributes where torchvision datasets keep their files (a list of paths, or of (path, label))
+FILE_LISTS = ("samples", "imgs", "_samples", "_image_files", "_images", "images", "_files")
+
+
+def image_files(dataset) -> list[str] | None:
+    """The image paths behind a streamed split's dataset, item by item, read without decoding: a dataset
+    that lists its files (`FILE_LISTS`: `rftbench.data.folders.ImageFiles`' samples, torchvision's
+    file lists), or a subset of one (any dataset with `dataset` and `indices`: `Subset`, the transfer
+    suites' `Indexed`); None for datasets of another kind (pixels in memory, e.g. CIFAR)."""
+    if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
+        inner = image_files(dataset.dataset)
+        return None if inner is None else [inner[int(i)] for i in dataset.indices]
+    n = len(dataset)
+    for name in FILE_LISTS:
+        items = getattr(dataset, name, None)
+        if isinstance(items, (list, tuple)) and len(items) == n and n:
+            first = items[0][0] if isinstance(items[0], (list, tuple)) else items[0]
+            if isinstance(first, (str, os.PathLike)):
+                return [os.fspath(it[0] if isinstance(it, (list, tuple)) else it) for it in items]
+    return None
+
+
 class ImageFileError(OSError):
     """An image file of a suite cannot be decoded (truncated, empty, not an image): names the file.
     Raised in a DataLoader worker, it comes back with the worker's traceback in its message; `str`
@@ -167,6 +190,12 @@ class Transformed(Dataset):
             x, y = self.dataset[i]
         except ImageFileError as exc:  # name the split too
             raise ImageFileError(f"{exc} (split {self.split})") from None
+        except OSError as exc:  # a library's reader (torchvision datasets, PIL): name the file if it is known
+            files = image_files(self.dataset)
+            if files is None:
+                raise
+            raise ImageFileError(f"cannot read image {files[i]}: {type(exc).__name__}: {exc} "
+                                 f"(split {self.split})") from None
         return seeded(self.transform, x, seed), int(y)
 
 

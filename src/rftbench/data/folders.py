@@ -58,17 +58,6 @@ def hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def image_files(dataset) -> list[str] | None:
-    """The image paths behind a streamed split's dataset (ImageFiles, or a Subset of one); None for
-    datasets of another kind."""
-    if isinstance(dataset, Subset):
-        inner = image_files(dataset.dataset)
-        return None if inner is None else [inner[i] for i in dataset.indices]
-    if isinstance(dataset, ImageFiles):
-        return [path for path, _ in dataset.samples]
-    return None
-
-
 def list_images(folder: str | Path) -> list[str]:
     """Image files directly inside `folder`, sorted by name (hidden and `._*` files ignored)."""
     with os.scandir(folder) as entries:

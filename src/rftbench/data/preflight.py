@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from rftbench.data.base import ImageFileError
-from rftbench.data.folders import JPEG_SOI, image_files
+from rftbench.data.base import ImageFileError, image_files
+from rftbench.data.folders import JPEG_SOI
 
 TAIL_BYTES = 64  # read from the end of each file: enough for a trailer and some zero padding
 HEAD_BYTES = 16  # read from the start: the signature and, for WebP and BMP, the declared file size

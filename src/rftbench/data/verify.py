@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from rftbench.data.folders import hidden, image_files, list_images
+from rftbench.data.base import image_files
+from rftbench.data.folders import hidden, list_images
 
 
 @dataclass
