@@ -26,6 +26,11 @@ def test_tiny_run_writes_a_complete_folder(make_cfg):
     assert path.parts[-4:-1] == ("digits", "digits_resnet", "ft")
     for name in ("config.yaml", "metrics.csv", "env.json", "info.json", "history.csv", "done"):
         assert (path / name).exists(), name
+    # a second run served from the cached training (another runs folder) keeps the same history
+    again = make_cfg("method=ft", runs=path.parents[4] / "again")
+    assert execute(again) == "done"
+    reused = run_folder(again).path
+    pd.testing.assert_frame_equal(pd.read_csv(reused / "history.csv"), pd.read_csv(path / "history.csv"))
     m = metrics_of(cfg)
     splits = set(m["split"])
     assert {"test", "ood/typed", "ood/corruption/fog/5", "ood/corruption", "ood"} <= splits

@@ -149,7 +149,9 @@ def image_files(dataset) -> list[str] | None:
     """The image paths behind a streamed split's dataset, item by item, read without decoding: a dataset
     that lists its files (`FILE_LISTS`: `rftbench.data.folders.ImageFiles`' samples, torchvision's
     file lists), or a subset of one (any dataset with `dataset` and `indices`: `Subset`, the transfer
-    suites' `Indexed`); None for datasets of another kind (pixels in memory, e.g. CIFAR)."""
+    suites' `Indexed`); None for datasets of another kind (pixels in memory, e.g. CIFAR) and for none."""
+    if dataset is None:
+        return None
     if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
         inner = image_files(dataset.dataset)
         return None if inner is None else [inner[int(i)] for i in dataset.indices]

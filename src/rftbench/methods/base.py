@@ -125,7 +125,8 @@ def cached_training(model: nn.Module, ctx: RunContext, key: dict,
     """`train(model)`, or its cached result: the trained weights are stored under
     `<cache>/models/<hash>.safetensors`, keyed by the run's starting point (`ctx.spec`: backbone,
     suite, seed) plus `key` (the training recipe), with the contract fields (val_acc, trainable
-    params, training time). Methods that need the same fine-tuning (WiSE-FT, RWS, LP-FT) share one
+    params, training time) and its tables (the training history: a reused training's run folder has
+    its `history.csv` too). Methods that need the same fine-tuning (WiSE-FT, RWS, LP-FT) share one
     training run this way. `model` is updated in place on a cache hit; a reused training reports
     its time as `train_time_s` and `reused_time_s`. Entries carry a content digest
     (`rftbench.utils.save_cached`); a damaged one is reported, deleted and trained again."""
@@ -139,10 +140,12 @@ def cached_training(model: nn.Module, ctx: RunContext, key: dict,
             spent = float(meta["train_time_s"])
             return Adapted(model.eval(), val_acc=float(meta["val_acc"]),
                            trainable_params=int(meta["trainable_params"]), train_time_s=spent,
-                           reused_time_s=spent, info=json.loads(meta.get("info", "{}")))
+                           reused_time_s=spent, info=json.loads(meta.get("info", "{}")),
+                           tables={k: pd.DataFrame(v) for k, v in json.loads(meta.get("tables", "{}")).items()})
     adapted = train(model)
     info = {k: v for k, v in adapted.info.items() if isinstance(v, (int, float, str))}
+    tables = {k: t.to_dict(orient="list") for k, t in adapted.tables.items()}  # small: one row per epoch/step
     save_cached(path, adapted.model.state_dict(),
-                {"info": json.dumps(info), "trainable_params": str(adapted.trainable_params),
+                {"info": json.dumps(info), "tables": json.dumps(tables), "trainable_params": str(adapted.trainable_params),
                  "val_acc": repr(float(adapted.val_acc)), "train_time_s": repr(float(adapted.train_time_s))})
     return adapted
