@@ -50,13 +50,13 @@ def test_perf_json_holds_exactly_the_figures_of_perf_md(perf):
         want = None if cells["rftbench"] == "not measured" else float(cells["rftbench"].split()[0])
         assert lines[cells["line"]]["images_per_s"] == want
     assert {k: lines["train/in_memory"][k] for k in ("backbone", "device", "precision", "phase", "images_per_s")} == {
-        "backbone": "digits_resnet", "device": "cpu", "precision": "fp32", "phase": "train", "images_per_s": 816.5}
-    assert lines["evaluate"]["phase"] == "evaluate" and lines["evaluate"]["images_per_s"] == 4496.3
+        "backbone": "digits_resnet", "device": "cpu", "precision": "fp32", "phase": "train", "images_per_s": 964.9}
+    assert lines["evaluate"]["phase"] == "evaluate" and lines["evaluate"]["images_per_s"] == 5021.5
     assert lines["autoattack"]["attack"] == {"tier": "quick", "n_iter": 20, "n_target_classes": 3, "n": 50,
                                              "threats": [{"norm": "Linf", "eps": 0.03137}]}
     gpu = lines["gpu/vit_b16/train"]
     assert (gpu["backbone"], gpu["device"], gpu["precision"], gpu["images_per_s"]) == ("vit_b16", "cuda", "bf16", None)
-    assert lines["store"]["date"] == "2026-12-04 03:39 UTC" and "Intel(R) Xeon(R)" in lines["store"]["machine"]
+    assert lines["store"]["date"] == "2026-12-04 21:44 UTC" and "AMD EPYC" in lines["store"]["machine"]
 
 
 def test_a_measured_line_round_trips_through_the_report(perf):
@@ -130,8 +130,8 @@ def test_seconds_from_the_measured_figures():
     figures = costs.load_perf()
     images = work("ft")
     est, basis = costs.seconds(costs.Work(images), figures, "digits_resnet", "cpu")
-    assert est == pytest.approx(6000 / 816.5 + (6480 + 8519) / 4496.3 + ATTACK / (64.2 * 80))
-    assert basis == "perf.json train/in_memory 816.5 images/s + evaluate 4496.3 images/s + autoattack 64.2 images/s"
+    assert est == pytest.approx(6000 / 964.9 + (6480 + 8519) / 5021.5 + ATTACK / (119.2 * 80))
+    assert basis == "perf.json train/in_memory 964.9 images/s + evaluate 5021.5 images/s + autoattack 119.2 images/s"
     assert costs.seconds(costs.Work(images), figures, "resnet50", "cuda")[1] == "no measurement for resnet50 on cuda"
     assert costs.seconds(costs.Work(images), figures, "tv_resnet50", "cpu")[1] == "no measurement for tv_resnet50 on cpu"
 

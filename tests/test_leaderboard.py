@@ -344,3 +344,20 @@ def test_the_effective_robustness_fit_uses_the_baselines_chosen_variants(tmp_pat
     lp_runs = res.runs[res.runs["method"] == "lp"]
     assert used.isdisjoint(set(lp_runs[lp_runs["id_test_acc"] == 0.2]["run_id"]))
     assert len(used) == 9  # zeroshot, lp, ft: 3 seeds each
+
+
+def test_provenance_names_lock_commit_and_cpu_of_each_row(tmp_path):
+    """Each row's lock, commit and CPU model come from its runs' env.json, and the table's note names
+    them: the same code gives other numbers on another CPU model, so a table says where it was made."""
+    root = tmp_path / "runs"
+    for seed, cpu in enumerate(["AMD EPYC", "AMD EPYC", "Intel(R) Xeon(R) Processor"]):
+        rid = add_run(root, "ft", seed, 0.8, 0.4)
+        env = {"lock": "abc", "git": {"commit": "1234567890abcdef", "dirty": False}, "cpu": cpu}
+        RunFolder(root, "digits", "b", "ft", rid).write_text("env.json", json.dumps(env))
+    add_run(root, "lp", 0, 0.7, 0.5)  # no env.json: unknown
+    board = lb.build(root).set_index("method")
+    assert board.loc["ft", "cpu"] == "AMD EPYC;Intel(R) Xeon(R) Processor"
+    assert board.loc["ft", "commit"] == "1234567890ab" and board.loc["lp", "cpu"] == "unknown"
+    note = lb.provenance_note(board.reset_index())
+    assert note == ("Produced by locked environment (requirements.lock sha256) abc, unknown; rftbench commit "
+                    "1234567890ab, unknown; CPU AMD EPYC, Intel(R) Xeon(R) Processor, unknown.")

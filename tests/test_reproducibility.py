@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rftbench import reproduce
-from rftbench.results import lock_hash
+from rftbench.results import cpu_model, lock_hash
 from rftbench.run import execute
 from rftbench.utils import apply_threads, available_cores
 
@@ -91,6 +91,7 @@ def test_run_applies_and_records_threads(make_cfg):
         env = json.loads(folder.read_text())
         assert env["threads"] == 1 and env["lock"] == lock_hash()
         assert env["omp_wait_policy"] == "PASSIVE"
+        assert env["cpu"] == cpu_model() and env["cpu"] not in ("", "unknown")
     finally:
         torch.set_num_threads(before)
 
@@ -134,9 +135,11 @@ def test_cpu_kernels_are_pinned_to_avx2_unless_the_user_chose():
 def _board(path: Path, changes: dict | None = None) -> Path:
     df = pd.DataFrame([
         {"suite": "digits", "backbone": "b", "method": "ft", "n_seeds": 3, "id_test_acc": 0.911,
-         "adapt_time_s": 10.5, "adapt_time_s_se": 0.3, "eval_time_s": 2.0, "lock": "abc", "commit": "111"},
+         "adapt_time_s": 10.5, "adapt_time_s_se": 0.3, "eval_time_s": 2.0, "lock": "abc", "commit": "111",
+         "cpu": "Intel(R) Xeon(R) Processor"},
         {"suite": "digits", "backbone": "b", "method": "lp", "n_seeds": 3, "id_test_acc": 0.75,
-         "adapt_time_s": 1.5, "adapt_time_s_se": 0.1, "eval_time_s": 2.0, "lock": "abc", "commit": "111"},
+         "adapt_time_s": 1.5, "adapt_time_s_se": 0.1, "eval_time_s": 2.0, "lock": "abc", "commit": "111",
+         "cpu": "Intel(R) Xeon(R) Processor"},
     ])
     for (method, col), value in (changes or {}).items():
         df.loc[df["method"] == method, col] = value
@@ -152,6 +155,11 @@ def test_reproduce_compares_metrics_not_costs(tmp_path):
     changed = _board(tmp_path / "c.csv", {("ft", "id_test_acc"): 0.91101, ("lp", "lock"): "zzz"})
     assert reproduce.compare(a, changed) == ["digits/b/ft id_test_acc: committed 0.911, now 0.91101",
                                              "digits/b/lp lock: committed abc, now zzz"]
+    other_cpu = _board(tmp_path / "e.csv", {("ft", "cpu"): "AMD EPYC", ("lp", "cpu"): "AMD EPYC"})
+    assert reproduce.compare(a, other_cpu) == []  # reported, not compared
+    assert reproduce.cpu_note(a, a) is None
+    assert reproduce.cpu_note(a, other_cpu).startswith(
+        "note: the committed table was made on CPU Intel(R) Xeon(R) Processor and this rerun on AMD EPYC")
     fewer = tmp_path / "d.csv"
     pd.read_csv(a).iloc[:1].to_csv(fewer, index=False)
     assert reproduce.compare(a, fewer) == ["row digits/b/lp: only in the committed table"]

@@ -152,9 +152,13 @@ def variant_hparams(runs_root: str | Path) -> pd.DataFrame:
     return pd.DataFrame([{"variant": v, **hp} for v, hp in rows.items()])
 
 
+# provenance columns of the leaderboard and how its note names them
+PROVENANCE = {"lock": "locked environment (requirements.lock sha256)", "commit": "rftbench commit", "cpu": "CPU"}
+
+
 def provenance(runs_root: str | Path) -> dict[str, dict[str, str]]:
-    """run_id -> {"lock": hash of requirements.lock, "commit": rftbench commit (+"-dirty")}, read off
-    each finished run's env.json: which environment and code produced it."""
+    """run_id -> {"lock": hash of requirements.lock, "commit": rftbench commit (+"-dirty"), "cpu": CPU
+    model}, read off each finished run's env.json: which environment, code and machine produced it."""
     out = {}
     for folder in run_folders(runs_root):
         try:
@@ -163,14 +167,14 @@ def provenance(runs_root: str | Path) -> dict[str, dict[str, str]]:
             continue
         git = env.get("git") or {}
         commit = (git.get("commit") or "unknown")[:12] + ("-dirty" if git.get("dirty") else "")
-        out[folder.name] = {"lock": env.get("lock") or "unknown", "commit": commit}
+        out[folder.name] = {"lock": env.get("lock") or "unknown", "commit": commit, "cpu": env.get("cpu") or "unknown"}
     return out
 
 
 def add_provenance(board: pd.DataFrame, runs: pd.DataFrame, prov: dict[str, dict[str, str]]) -> pd.DataFrame:
-    """`lock` and `commit` columns: the distinct values over each row's runs (';'-joined)."""
+    """`lock`, `commit` and `cpu` columns: the distinct values over each row's runs (';'-joined)."""
     board = board.copy()
-    for col in ("lock", "commit"):
+    for col in PROVENANCE:
         values = []
         for _, r in board.iterrows():
             ids = runs[(runs[KEYS] == r[KEYS]).all(axis=1) & (runs["variant"] == r["variant"])]["run_id"]
@@ -468,9 +472,9 @@ NOTE = ("Mean ± standard error over n_seeds trial seeds (no ± for one seed or 
 
 
 def provenance_note(board: pd.DataFrame) -> str:
-    """Which locked environment and rftbench commit produced the table's runs."""
+    """Which locked environment, rftbench commit and CPU model produced the table's runs."""
     parts = []
-    for col, what in (("lock", "locked environment (requirements.lock sha256)"), ("commit", "rftbench commit")):
+    for col, what in PROVENANCE.items():
         if col in board:
             values = sorted({v for cell in board[col].astype(str) for v in cell.split(";")})
             parts.append(f"{what} {', '.join(values)}")

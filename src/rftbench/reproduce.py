@@ -8,8 +8,9 @@ The benchmark runs into a temporary runs folder with its own empty artifact cach
 is built there, and `leaderboard.csv` (one row per method: the variant chosen on val) and
 `leaderboard_variants.csv` (every variant) are compared with the committed ones: every column must
 match exactly (the CSV's own formatting, 6 significant digits) except the cost columns (wall times,
-throughput, memory) and the commit that produced the table, which are reported, not compared.
-Prints each difference and exits 1 on any.
+throughput, memory), the commit and the CPU model that produced the table, which are reported, not
+compared. Prints each difference and exits 1 on any; when the CPU models differ it says so first, since
+the same code and lock give other numbers on another CPU model (README, Reproducibility).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ EXPERIMENTS = {"bench": REPO / "results", "bench_tuned": REPO / "results" / "tun
 # the compared tables and the columns naming a row of each
 TABLES = {"leaderboard.csv": ROW_KEYS, "leaderboard_variants.csv": ROW_KEYS + ["variant"]}
 # columns that measure cost or say where a table came from, not what the methods achieved
-NOT_COMPARED = re.compile(r"(time_s|images_per_s|peak_mem_gb)(_se)?$|^commit$")
+NOT_COMPARED = re.compile(r"(time_s|images_per_s|peak_mem_gb)(_se)?$|^(commit|cpu)$")
 
 
 def compared_columns(columns) -> list[str]:
@@ -57,6 +58,18 @@ def compare(committed: Path, new: Path, keys: list[str] = ROW_KEYS) -> list[str]
                 diffs.append(f"{'/'.join(key)} {c}: committed {a.at[key, c] or '(empty)'}, "
                              f"now {b.at[key, c] or '(empty)'}")
     return diffs
+
+
+def cpu_note(committed: Path, new: Path) -> str | None:
+    """A line naming both CPU models when the committed table came from another CPU model than the rerun."""
+    cpus = []
+    for path in (committed, new):
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        cpus.append(sorted({v for cell in df.get("cpu", pd.Series(["unknown"])) for v in cell.split(";")}))
+    if cpus[0] == cpus[1]:
+        return None
+    return (f"note: the committed table was made on CPU {', '.join(cpus[0])} and this rerun on {', '.join(cpus[1])}; "
+            "another CPU model gives other numbers with the same code and lock (README, Reproducibility)")
 
 
 def cost_report(committed: Path, new: Path) -> list[str]:
@@ -101,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
                  for d in (f"{table}: {line}" for line in compare(results / table, work / "results" / table, keys))]
         print(f"benchmark rerun in {time.perf_counter() - t0:.0f} s; cost columns (not compared):")
         print("\n".join(cost_report(committed, new)))
+        note = cpu_note(committed, new)
+        if note:
+            print(note)
         if diffs:
             print(f"{len(diffs)} differences from the committed {committed}:")
             print("\n".join(f"  {d}" for d in diffs))

@@ -250,8 +250,19 @@ def lock_hash() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), recorded because CPU metrics differ across models."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment(device: str, threads: int | None = None) -> dict:
-    """Package versions, lock hash, device, threads, Python, host and git state, for env.json."""
+    """Package versions, lock hash, device, threads, Python, host, CPU model and git state, for env.json."""
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -259,7 +270,7 @@ def environment(device: str, threads: int | None = None) -> dict:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"packages": versions, "lock": lock_hash(), "python": sys.version.split()[0],
-            "platform": platform.platform(), "host": platform.node(), "device": device,
+            "platform": platform.platform(), "host": platform.node(), "cpu": cpu_model(), "device": device,
             "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "git": git_state(),
             "time": datetime.now(timezone.utc).isoformat()}
 
