@@ -471,12 +471,17 @@ NOTE = ("Mean ± standard error over n_seeds trial seeds (no ± for one seed or 
         "epoch (still rising: not converged within the budget).")
 
 
+def distinct_values(cells) -> list[str]:
+    """The sorted distinct values of ';'-joined provenance cells."""
+    return sorted({v for cell in cells for v in str(cell).split(";")})
+
+
 def provenance_note(board: pd.DataFrame) -> str:
     """Which locked environment, rftbench commit and CPU model produced the table's runs."""
     parts = []
     for col, what in PROVENANCE.items():
         if col in board:
-            values = sorted({v for cell in board[col].astype(str) for v in cell.split(";")})
+            values = distinct_values(board[col])
             parts.append(f"{what} {', '.join(values)}")
     return ("Produced by " + "; ".join(parts) + ".") if parts else ""
 

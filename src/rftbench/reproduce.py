@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from rftbench.leaderboard import distinct_values
+
 REPO = Path(__file__).resolve().parents[2]
 ROW_KEYS = ["suite", "backbone", "method"]
 # the committed experiments and where their tables live
@@ -65,7 +67,7 @@ def cpu_note(committed: Path, new: Path) -> str | None:
     cpus = []
     for path in (committed, new):
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        cpus.append(sorted({v for cell in df.get("cpu", pd.Series(["unknown"])) for v in cell.split(";")}))
+        cpus.append(distinct_values(df["cpu"]) if "cpu" in df else ["unknown"])
     if cpus[0] == cpus[1]:
         return None
     return (f"note: the committed table was made on CPU {', '.join(cpus[0])} and this rerun on {', '.join(cpus[1])}; "
