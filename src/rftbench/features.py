@@ -45,6 +45,7 @@ import torch
 from torch import fx, nn
 
 from rftbench.data.base import Split, UInt8Images, batches, scored_logits
+from rftbench.pooling import inference_pooling
 from rftbench.progress import bar
 from rftbench.utils import (UNWRITABLE, cache_unwritable, file_lock, load_cached, save_cached, stable_hash,
                             state_digest)
@@ -193,15 +194,16 @@ def batch_outputs(model: nn.Module, split: Split, ctx: RunContext, size: int, fn
     was_training = model.training
     model.eval()
     outs = []
-    for xb, _ in bar(batches(split, size, num_workers=ctx.num_workers, device=ctx.device),
-                     label, total=-(-len(split) // size), unit="batch"):
-        n = len(xb)
-        if pad and n < size:
-            xb = torch.cat([xb, xb[-1:].expand(size - n, *xb.shape[1:])])
-        if ctx.cuda:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with ctx.autocast():
-            outs.append(fn(model, xb)[:n].float().cpu())
+    with inference_pooling(model):  # exact CPU max-pooling without argmax indices (rftbench.pooling)
+        for xb, _ in bar(batches(split, size, num_workers=ctx.num_workers, device=ctx.device),
+                         label, total=-(-len(split) // size), unit="batch"):
+            n = len(xb)
+            if pad and n < size:
+                xb = torch.cat([xb, xb[-1:].expand(size - n, *xb.shape[1:])])
+            if ctx.cuda:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with ctx.autocast():
+                outs.append(fn(model, xb)[:n].float().cpu())
     model.train(was_training)
     return outs
 
